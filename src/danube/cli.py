@@ -1,0 +1,39 @@
+"""The ``danube`` console script: one subcommand per tool, imported only when run."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# name -> ("module:function", one-line help). Each function takes argv (list[str]) and
+# returns an exit code; it builds its own argparse parser with prog="danube NAME".
+COMMANDS: dict[str, tuple[str, str]] = {
+    "import-hf": ("danube.hf:import_hf_main", "convert a Hugging Face Llama/Mistral directory to a danube model directory"),
+    "export-hf": ("danube.hf:export_hf_main", "convert a danube model directory to a Hugging Face directory"),
+    "train-tokenizer": ("danube.data.tokenizer:train_tokenizer_main", "train a byte-fallback BPE SentencePiece tokenizer"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: danube COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines) + "\n\n`danube COMMAND --help` for each."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"danube: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    module, func = COMMANDS[name][0].split(":")
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

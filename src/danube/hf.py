@@ -1,0 +1,195 @@
+"""Hugging Face interop: Llama/Mistral checkpoint directories to and from Danube models.
+
+Parameter names already match (see :mod:`danube.model.transformer`), so only the config
+is translated. Reading needs no ``transformers``; writing uses its config classes so the
+``config.json`` is exactly what its installed version expects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from danube.model import Danube, DanubeConfig, build_model
+from danube.model.io import load_weights, replace_dir
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "mistral")
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> DanubeConfig:
+    """Map every architecture field of a Llama/Mistral ``config.json`` to a :class:`DanubeConfig`."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"{source}: model_type={model_type!r} is not supported; danube reads {SUPPORTED}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; danube's MLP is SwiGLU (silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError(f"{source}: biased projections are not supported (danube has no biases)")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"{source}: rope_type={rope_type!r} is not supported; danube implements plain RoPE")
+    window = hf.get("sliding_window") if model_type == "mistral" else None
+    if hf.get("use_sliding_window") is False:
+        window = None
+    n_head = hf["num_attention_heads"]
+    return DanubeConfig(
+        vocab_size=hf["vocab_size"],
+        n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+        sliding_window=window,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: safetensors (sharded or not) or ``.bin``."""
+    for index_name, loader in (
+        ("model.safetensors.index.json", lambda f: load_file(str(f))),
+        ("pytorch_model.bin.index.json", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+    ):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                if not (path / shard).is_file():
+                    raise FileNotFoundError(f"{index} names shard {shard}, which is missing")
+                state.update(loader(path / shard))
+            return state
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"{path}: no weights found (model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json)"
+    )
+
+
+def from_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides) -> Danube:
+    """Load a Hugging Face Llama or Mistral checkpoint directory as a :class:`Danube` on CPU."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: config.json is missing")
+    cfg = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    if overrides:
+        cfg = DanubeConfig.from_dict({**cfg.to_dict(), **overrides})
+    # Old Llama checkpoints carry the RoPE frequencies as buffers; danube computes them.
+    state = {k: v for k, v in _read_state(path).items() if not k.endswith("rotary_emb.inv_freq")}
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model = build_model(cfg, device="meta")
+    return load_weights(model, state, str(path))
+
+
+def config_to_hf(cfg: DanubeConfig, dtype: torch.dtype = torch.float32):
+    """The ``transformers`` config: Mistral when there is a window, Llama otherwise."""
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.init_std,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype=dtype,
+    )
+    if cfg.sliding_window is not None:
+        hf = MistralConfig(sliding_window=cfg.sliding_window, **common)
+        hf.architectures = ["MistralForCausalLM"]
+    else:
+        hf = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+        hf.architectures = ["LlamaForCausalLM"]
+    return hf
+
+
+def to_hf(model: Danube, path: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write ``model`` as a Hugging Face directory (config.json + model.safetensors [+ tokenizer]).
+
+    ``tokenizer`` is a SentencePiece model file; its Hugging Face files are written beside
+    the weights (see :func:`danube.data.tokenizer.save_hf_tokenizer`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        dtype = next(iter(state.values())).dtype
+        if model.cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        config_to_hf(model.cfg, dtype).save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            from danube.data.tokenizer import save_hf_tokenizer
+
+            save_hf_tokenizer(tokenizer, tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote Hugging Face checkpoint %s", path)
+    return path
+
+
+def import_hf_main(argv: list[str]) -> int:
+    import argparse
+
+    from danube.model.io import save_model_dir
+
+    parser = argparse.ArgumentParser(prog="danube import-hf", description="Hugging Face directory -> danube model directory")
+    parser.add_argument("hf_dir", help="directory with config.json and weights (safetensors, sharded or not, or .bin)")
+    parser.add_argument("model_dir", help="danube model directory to write (config.yaml, model.safetensors)")
+    args = parser.parse_args(argv)
+    model = from_hf(args.hf_dir)
+    tokenizer = Path(args.hf_dir) / "tokenizer.model"
+    save_model_dir(model, args.model_dir, tokenizer=tokenizer if tokenizer.is_file() else None)
+    print(f"{args.hf_dir} -> {args.model_dir}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    return 0
+
+
+def export_hf_main(argv: list[str]) -> int:
+    import argparse
+
+    from danube.model.io import load_model_dir, tokenizer_path
+
+    parser = argparse.ArgumentParser(prog="danube export-hf", description="danube model directory -> Hugging Face directory")
+    parser.add_argument("model_dir", help="danube model directory (config.yaml, model.safetensors[, tokenizer.model])")
+    parser.add_argument("hf_dir", help="Hugging Face directory to write")
+    parser.add_argument("--tokenizer", help="SentencePiece model to include (default: the model directory's own)")
+    args = parser.parse_args(argv)
+    model = load_model_dir(args.model_dir)
+    tokenizer = args.tokenizer or tokenizer_path(args.model_dir)
+    to_hf(model, args.hf_dir, tokenizer=tokenizer)
+    arch = "MistralForCausalLM" if model.cfg.sliding_window else "LlamaForCausalLM"
+    print(f"{args.model_dir} -> {args.hf_dir} ({arch}{', with tokenizer' if tokenizer else ''})")
+    return 0

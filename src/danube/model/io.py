@@ -1,0 +1,138 @@
+"""The native model directory: what every danube command reads and writes.
+
+A model directory holds::
+
+    config.yaml          # DanubeConfig fields (plain YAML)
+    model.safetensors    # the state dict, Hugging Face parameter names
+    tokenizer.model      # optional: the SentencePiece model the vocabulary comes from
+
+Directories are written to a temporary sibling and renamed into place, so a crash
+mid-write never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from danube.model.config import DanubeConfig
+from danube.model.transformer import Danube, build_model
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a clear error if ``state`` does not fit ``model`` exactly (names and shapes)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: checkpoint does not match the model config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, shape in expected.items():
+        got = tuple(state[name].shape)
+        if got != shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {list(got)}, the config needs {list(shape)}")
+
+
+def load_weights(model: Danube, state: Mapping[str, torch.Tensor], source: str) -> Danube:
+    """Check shapes, then load (``assign`` so a meta-built model takes the tensors as they are)."""
+    check_state_dict(model, state, source)
+    model.load_state_dict(dict(state), strict=not model.cfg.tie_word_embeddings, assign=True)
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def read_config(path: str | Path) -> DanubeConfig:
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a danube model directory: {CONFIG_FILE} is missing")
+    with open(file) as f:
+        values = yaml.safe_load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: expected a mapping of DanubeConfig fields")
+    try:
+        return DanubeConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from err
+
+
+def load_model_dir(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
+) -> Danube:
+    """Load a native model directory; ``overrides`` replace config fields (e.g. ``attn_backend``)."""
+    path = Path(path)
+    cfg = read_config(path)
+    if overrides:
+        cfg = DanubeConfig.from_dict({**cfg.to_dict(), **overrides})
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} is missing")
+    model = build_model(cfg, device="meta")
+    state = load_file(str(weights), device=str(device))
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    return load_weights(model, state, str(weights))
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def tokenizer_path(path: str | Path) -> Path | None:
+    file = Path(path) / TOKENIZER_FILE
+    return file if file.is_file() else None
+
+
+def save_model_dir(model: Danube, path: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write ``model`` (and optionally its SentencePiece tokenizer) as a model directory, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with open(tmp / CONFIG_FILE, "w") as f:
+            yaml.safe_dump(model.cfg.to_dict(), f, sort_keys=False)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote model directory %s", path)
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory ``src`` to ``dst``, replacing an existing one only at the end."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

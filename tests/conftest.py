@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny models and configs composed from the real conf/ tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from danube.model import DanubeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def micro_cfg() -> DanubeConfig:
+    """A model small enough for float64 parity checks, window shorter than the test sequences."""
+    return DanubeConfig(
+        vocab_size=211, n_embd=64, intermediate_size=96, n_layer=2, n_head=4, n_kv_head=2,
+        sliding_window=7, max_seq_len=128, rope_theta=500.0, rms_norm_eps=1e-6,
+    )
+
+
+def corpus_lines(n_docs: int = 400) -> list[str]:
+    """Plain English prose that ships with CPython (pydoc_data): no download needed."""
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    lines = [line for line in text.splitlines() if len(line.split()) > 3]
+    return lines[: n_docs * 10]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> Path:
+    """A 1,000-piece SentencePiece model trained on pydoc text, shared by the session."""
+    from danube.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    (root / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n2024 1234567 3.14159\n")
+    return train_tokenizer([root / "corpus.txt"], root / "tok.model", vocab_size=1000)

@@ -1,0 +1,30 @@
+import subprocess
+import sys
+
+import torch
+import transformers
+
+from danube.cli import main
+from danube.model import build_model
+from danube.model.io import load_model_dir, save_model_dir
+
+
+def test_import_export_round_trip(micro_cfg, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(micro_cfg).eval()
+    save_model_dir(model, tmp_path / "native")
+    assert main(["export-hf", str(tmp_path / "native"), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = load_model_dir(tmp_path / "back").eval()
+    ids = torch.randint(0, micro_cfg.vocab_size, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), atol=0, rtol=0)
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_console_script_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "danube.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "import-hf" in out.stdout and "export-hf" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "danube.cli", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
