@@ -128,3 +128,18 @@ def test_backends_agree_in_the_full_model(micro_cfg):
         ref = model(ids)
         model.cfg.attn_backend = "flex"
         torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_load_pretrained_reads_both_formats(micro_cfg, tmp_path):
+    from danube.model.io import load_pretrained
+
+    torch.manual_seed(0)
+    model = build_model(micro_cfg).eval()
+    save_model_dir(model, tmp_path / "native")
+    to_hf(model, tmp_path / "hf")
+    ids = tokens(micro_cfg)
+    with torch.no_grad():
+        for path in ("native", "hf"):
+            torch.testing.assert_close(load_pretrained(tmp_path / path).eval()(ids), model(ids))
+    with pytest.raises(FileNotFoundError, match="neither a danube model directory"):
+        load_pretrained(tmp_path)

@@ -136,3 +136,20 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def load_pretrained(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
+) -> Danube:
+    """Load a danube model directory or a Hugging Face Llama/Mistral directory."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return load_model_dir(path, device, dtype, **overrides)
+    if (path / "config.json").is_file():
+        from danube.hf import from_hf
+
+        return from_hf(path, dtype=dtype, **overrides).to(device)
+    raise FileNotFoundError(
+        f"{path} is neither a danube model directory (config.yaml + model.safetensors) "
+        "nor a Hugging Face checkpoint directory (config.json)"
+    )
