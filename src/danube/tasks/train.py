@@ -18,10 +18,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from danube.data.tokenizer import Tokenizer
+from danube.model import DanubeConfig
 from danube.model.io import save_model_dir
 from danube.schedule import StagePlan, format_plan, plan_stages
 from danube.tasks.common import (
@@ -65,13 +65,30 @@ def selected_stages(cfg: DictConfig, plans: list[StagePlan]) -> list[StagePlan]:
     return [plans[names.index(cfg.stage)]]
 
 
+def model_config(cfg: DictConfig) -> DanubeConfig:
+    """The model section as a DanubeConfig; its validation errors name the ``model`` group."""
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    values.pop("_target_", None)
+    try:
+        return DanubeConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model (conf/model/{model_choice(cfg)}.yaml + overrides): {err}") from err
+
+
+def model_choice(cfg: DictConfig) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("model", "?") if HydraConfig.initialized() else "?"
+
+
 def validate(cfg: DictConfig) -> list[StagePlan]:
     """Every check that can fail, before any data is read or any weight is built."""
     resume = str(cfg.resume)
     if resume not in RESUME_CHOICES and not Path(resume).is_file():
         raise ValueError(f"resume={resume!r}: expected auto, never, or the path of an existing .ckpt file")
-    model_cfg = instantiate(cfg.model)
+    model_cfg = model_config(cfg)
     plans = stage_plans(cfg)
+    selected_stages(cfg, plans)
     for p in plans:
         if p.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"stage {p.name}: seq_len={p.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
@@ -108,7 +125,7 @@ def run(cfg: DictConfig) -> TrainResult | None:
                           tokens_per_sec=float(cfg.plan_tokens_per_sec), world_size=world_size(cfg.trainer),
                           global_batch_tokens=int(cfg.train.global_batch_tokens)))
         return None
-    model_cfg = instantiate(cfg.model)
+    model_cfg = model_config(cfg)
     sources, weights, tokenizer = prepare_data(cfg)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(

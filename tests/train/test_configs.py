@@ -1,0 +1,76 @@
+"""Every YAML of every config group composes, and its objects instantiate."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+
+from danube.model import DanubeConfig
+from danube.tasks.train import stage_plans, validate
+from tests.conftest import CONF, REPO
+from tests.train.conftest import compose_train
+
+GROUPS = ["model", "recipe", "data", "optim", "trainer", "precision", "paths"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "trainer":  # GPU trainers with the report's model and batch
+        overrides += ["model=danube_1p8b"]
+        if option == "multinode":  # 16 GPUs: ~1.18M does not divide by 16 x 16,384
+            overrides += ["train.global_batch_tokens=1_048_576"]
+    cfg = compose_train(overrides)
+    assert isinstance(instantiate(cfg.model), DanubeConfig)
+    assert stage_plans(cfg)  # the recipe divides into steps on this trainer
+
+
+@pytest.mark.parametrize("stage", options("stage"))
+def test_report_stages_compose(stage):
+    cfg = compose_train(["model=danube_1p8b", f"stage={stage}", "trainer=h100x8", "plan=true"])
+    plans = validate(cfg)
+    assert cfg.stage == stage and stage in [p.name for p in plans]
+
+
+def test_experiments_compose():
+    for option in options("experiment"):
+        compose_train([f"experiment={option}"])
+
+
+def test_report_command_composes_from_the_shell():
+    out = subprocess.run(
+        [sys.executable, "train.py", "model=danube_1p8b", "stage=seq16k", "trainer=h100x8", "--cfg", "job"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "n_embd: 2560" in out.stdout and "stage: seq16k" in out.stdout and "devices: 8" in out.stdout
+
+
+def test_plan_prints_the_schedule_without_a_gpu():
+    out = subprocess.run(
+        [sys.executable, "train.py", "model=danube_1p8b", "trainer=h100x8", "precision=fp8", "plan=true"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| seq2k | 2,048 | 699,999,584,256 |" in out.stdout and "days" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (["stage=seq4k"], ValueError, "stage='seq4k' is not in this recipe"),
+        (["train.global_batch_tokens=5000"], ValueError, "global_batch_tokens=5000 is not divisible"),
+        (["resume=/nope/last.ckpt"], ValueError, "resume='/nope/last.ckpt'"),
+        (["trainer=h100x1"], RuntimeError, "no CUDA device"),
+        (["precision=fp8"], RuntimeError, "precision=fp8 needs a CUDA GPU"),
+        (["model.n_kv_head=3"], ValueError, "not a multiple of n_kv_head"),
+    ],
+)
+def test_bad_config_fails_before_any_work(overrides, error, message):
+    with pytest.raises(error, match=message):
+        validate(compose_train(overrides))

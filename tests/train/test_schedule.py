@@ -1,0 +1,57 @@
+import math
+
+import pytest
+
+from danube.schedule import format_plan, lr_at, plan_stages
+from tests.train.conftest import compose_train
+
+KW = dict(lr=2e-4, min_lr=1e-5, warmup_tokens=2_359_296_000, total_tokens=10**12)
+
+
+def test_warmup_then_cosine_to_min_lr():
+    assert lr_at(0, **KW) == 0
+    assert lr_at(1_179_648_000, **KW) == pytest.approx(1e-4)  # half-way through warm-up
+    assert lr_at(2_359_296_000, **KW) == pytest.approx(2e-4)
+    mid = (2_359_296_000 + 10**12) / 2
+    assert lr_at(int(mid), **KW) == pytest.approx((2e-4 + 1e-5) / 2, rel=1e-6)
+    assert lr_at(10**12, **KW) == pytest.approx(1e-5)
+    assert lr_at(2 * 10**12, **KW) == 1e-5
+    values = [lr_at(t, **KW) for t in range(2_359_296_000, 10**12, 10**10)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after warm-up
+
+
+def test_report_plan_on_8_gpus():
+    cfg = compose_train(["model=danube_1p8b", "trainer=h100x8"])
+    from omegaconf import OmegaConf
+
+    plans = plan_stages(OmegaConf.to_container(cfg.recipe.stages), global_batch_tokens=1_179_648,
+                        micro_batch_tokens=16_384, world_size=8)
+    assert [p.seq_len for p in plans] == [2048, 4096, 8192, 16384]
+    assert [p.micro_batch_size for p in plans] == [8, 4, 2, 1]
+    assert all(p.grad_accum == 9 for p in plans)  # 8 GPUs x 16,384 tokens x 9 = 1,179,648
+    assert plans[0].steps == 700_000_000_000 // 1_179_648
+    assert plans[1].start_tokens == plans[0].end_tokens  # stages follow each other exactly
+    text = format_plan(plans, lr=2e-4, min_lr=1e-5, warmup_tokens=2_359_296_000, tokens_per_sec=292_700,
+                       world_size=8, global_batch_tokens=1_179_648)
+    hours = plans[-1].end_tokens / 292_700 / 3600
+    assert f"{hours:,.1f} h" in text and "seq16k" in text
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(global_batch_tokens=1_000_000, micro_batch_tokens=16_384, world_size=8), "not divisible"),
+        (dict(global_batch_tokens=1_179_648, micro_batch_tokens=3000, world_size=8), "not a multiple of seq_len"),
+        (dict(global_batch_tokens=2**40, micro_batch_tokens=16_384, world_size=8), "less than one step"),
+    ],
+)
+def test_plan_rejects_what_cannot_divide(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan_stages([{"name": "seq2k", "seq_len": 2048, "tokens": 10**12}], **kwargs)
+
+
+def test_ln_of_cosine_is_symmetric():
+    # the cosine is centred between the end of warm-up and the end of the last stage
+    kw = dict(lr=1.0, min_lr=0.0, warmup_tokens=100, total_tokens=1100)
+    assert lr_at(600, **kw) == pytest.approx(0.5)
+    assert lr_at(350, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))

@@ -1,0 +1,136 @@
+"""End-to-end pretraining on the tiny model: stages, resume, checkpoints, logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from danube.model.io import load_model_dir
+from danube.plot import plot_run, read_scalars
+from danube.schedule import lr_at
+from danube.tasks.common import AtomicCheckpointIO
+from danube.tasks.train import run
+from tests.conftest import REPO
+from tests.train.conftest import SMALL, compose_train
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory, data_root):
+    """One two-stage run shared by the assertions below (it is the slow part)."""
+    tmp = tmp_path_factory.mktemp("two_stage")
+    cfg = compose_train([*SMALL, f"paths.data_dir={data_root}", f"run_dir={tmp}/run"])
+    return run(cfg)
+
+
+def test_two_stages_run_back_to_back(two_stage_run):
+    run_dir = two_stage_run.run_dir
+    assert two_stage_run.tokens_seen == 40960 + 24576
+    for stage in ("s64", "s128"):
+        assert (run_dir / stage / "final.ckpt").is_file()
+    stage2 = torch.load(run_dir / "s128" / "final.ckpt", map_location="cpu", weights_only=False)
+    assert stage2["danube"]["tokens_seen"] == 65536 and stage2["danube"]["seq_len"] == 128
+    scalars = read_scalars(run_dir)
+    seq = dict(scalars["train/seq_len"])
+    assert {v for t, v in seq.items() if t <= 40960} == {64.0} and {v for t, v in seq.items() if t > 40960} == {128.0}
+    # the second stage continued the schedule where the first left it
+    for tokens, value in scalars["train/lr"]:
+        assert value == pytest.approx(lr_at(tokens, lr=3e-3, min_lr=3e-4, warmup_tokens=8192, total_tokens=65536))
+
+
+def test_training_lowers_validation_loss(two_stage_run):
+    val = [v for _, v in read_scalars(two_stage_run.run_dir)["val/loss"]]
+    assert len(val) >= 3
+    assert val[-1] < val[0] - 1.0, val  # from ~ln(4096) = 8.3 down by well over a nat
+
+
+def test_final_model_directory_has_weights_and_tokenizer(two_stage_run):
+    model = load_model_dir(two_stage_run.model_dir)
+    assert (two_stage_run.model_dir / "tokenizer.model").is_file()
+    assert model.cfg.n_layer == 2 and model.cfg.sliding_window == 48
+
+
+def test_logs_have_the_report_curves_and_throughput(two_stage_run, tmp_path):
+    tags = read_scalars(two_stage_run.run_dir)
+    for tag in ("train/loss", "val/loss", "train/lr", "train/seq_len", "train/tokens_seen",
+                "perf/tokens_per_sec", "perf/mfu", "data/tokens/sample"):
+        assert tag in tags, tag
+    assert all(0 < v < 1.5 for _, v in tags["perf/mfu"])
+    png = plot_run(two_stage_run.run_dir, tmp_path / "fig.png")
+    assert png.stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        plot_run(tmp_path)
+
+
+def test_rerunning_a_finished_run_changes_nothing(two_stage_run, data_root):
+    final = two_stage_run.run_dir / "s128" / "final.ckpt"
+    before = final.stat().st_mtime_ns
+    cfg = compose_train([*SMALL, f"paths.data_dir={data_root}", f"run_dir={two_stage_run.run_dir}"])
+    assert run(cfg).tokens_seen == 65536
+    assert final.stat().st_mtime_ns == before
+
+
+def test_resume_never_refuses_a_run_with_checkpoints(two_stage_run, data_root):
+    cfg = compose_train([*SMALL, f"paths.data_dir={data_root}", f"run_dir={two_stage_run.run_dir}", "resume=never"])
+    with pytest.raises(FileExistsError, match="nothing was overwritten"):
+        run(cfg)
+
+
+def test_later_stage_needs_the_earlier_one(small_run):
+    cfg = compose_train([*small_run, "stage=s128"])
+    with pytest.raises(FileNotFoundError, match="run stage=s64 first"):
+        run(cfg)
+
+
+def test_atomic_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def _final_losses(run_dir: Path) -> tuple[float, float]:
+    scalars = read_scalars(run_dir)
+    return scalars["train/loss"][-1], scalars["val/loss"][-1]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_root):
+    """Kill -9 mid-stage, re-run the same command: same final losses as never stopping."""
+    base = [sys.executable, "train.py", *SMALL, f"paths.data_dir={data_root}", "train.checkpoint_every_n_steps=3"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*base, f"run_dir={tmp_path}/straight"], cwd=REPO, check=True, env=env, capture_output=True)
+
+    killed = [*base, f"run_dir={tmp_path}/killed"]
+    proc = subprocess.Popen(killed, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "s64" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "s64" / "final.ckpt").exists()
+    subprocess.run(killed, cwd=REPO, check=True, env=env, capture_output=True)
+
+    (t1, train_a), (v1, val_a) = _final_losses(tmp_path / "straight")
+    (t2, train_b), (v2, val_b) = _final_losses(tmp_path / "killed")
+    assert (t1, v1) == (t2, v2) == (65536, 65536)
+    assert train_b == pytest.approx(train_a, rel=1e-5, abs=1e-6)
+    assert val_b == pytest.approx(val_a, rel=1e-5, abs=1e-6)
