@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -47,7 +48,8 @@ def test_two_stages_run_back_to_back(two_stage_run):
 def test_training_lowers_validation_loss(two_stage_run):
     val = [v for _, v in read_scalars(two_stage_run.run_dir)["val/loss"]]
     assert len(val) >= 3
-    assert val[-1] < val[0] - 1.0, val  # from ~ln(4096) = 8.3 down by well over a nat
+    assert val[-1] < val[0], val
+    assert val[-1] < math.log(4096) - 1.0, val  # a uniform guess over the vocabulary is ln(4096) = 8.3
 
 
 def test_final_model_directory_has_weights_and_tokenizer(two_stage_run):

@@ -212,7 +212,16 @@ class PretrainModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_tokenizer(checkpoint, "the checkpoint being resumed")
         self.tokens_seen = int(checkpoint["danube"]["tokens_seen"])
+
+    def _check_tokenizer(self, checkpoint: dict[str, Any], what: str) -> None:
+        theirs, ours = checkpoint["danube"].get("tokenizer_checksum"), self.hparams.tokenizer_checksum
+        if theirs and ours and theirs != ours:
+            raise ValueError(
+                f"{what} was trained with another tokenizer (sha256 {theirs[:12]}...) than this run's data "
+                f"(sha256 {ours[:12]}...): token ids would not mean the same thing"
+            )
 
     def on_fit_start(self) -> None:
         if self.hparams.init_from and self.trainer.ckpt_path is None:
@@ -221,6 +230,7 @@ class PretrainModule(L.LightningModule):
     def _start_from_previous_stage(self, path: str) -> None:
         """Weights, optimizer moments and tokens seen of the previous stage; loops start afresh."""
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self._check_tokenizer(ckpt, f"the previous stage's checkpoint {path}")
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
         self.model.load_state_dict(state, strict=True)
         self.trainer.optimizers[0].load_state_dict(ckpt["optimizer_states"][0])

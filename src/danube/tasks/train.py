@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from danube.callbacks import StageProgressBar
 from danube.data.tokenizer import Tokenizer
 from danube.model import DanubeConfig
 from danube.model.io import save_model_dir
@@ -198,6 +199,7 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
         max_steps=plan.steps, accumulate=accumulate,
         val_check_interval=min(int(cfg.train.val_every_n_steps), plan.steps) * accumulate,
         checkpoint_every_n_steps=int(cfg.train.checkpoint_every_n_steps),
+        callbacks=[StageProgressBar(f"{plan.name} (seq {plan.seq_len})")],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     trainer.save_checkpoint(stage_dir / "final.ckpt")
