@@ -87,7 +87,8 @@ class PretrainModule(L.LightningModule):
         self.fp8 = bool((precision or {}).get("fp8"))
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
-        self._source_tokens: torch.Tensor | None = None
+        self._source_tokens: torch.Tensor | None = None  # this interval, this rank
+        self.source_tokens_total = [0] * len(source_names or [])  # all ranks, since the first stage
         self._last_log: tuple[float, int] | None = None
 
     # -- model ---------------------------------------------------------------------------
@@ -152,7 +153,6 @@ class PretrainModule(L.LightningModule):
             counts = torch.bincount(batch["source"], minlength=len(self.hparams.source_names))
             counts = counts * (tokens.shape[1] - 1)
             self._source_tokens = counts if self._source_tokens is None else self._source_tokens + counts
-        self.log("train/loss", detached, prog_bar=True, logger=False)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -172,10 +172,10 @@ class PretrainModule(L.LightningModule):
             "train/tokens_seen": float(self.tokens_seen),
             "train/step": float(self.global_step),
         }
-        if self._source_tokens is not None:
-            totals = self.trainer.strategy.reduce(self._source_tokens.float(), reduce_op="sum")
-            for name, count in zip(self.hparams.source_names, totals.tolist()):
-                metrics[f"data/tokens/{name}"] = count
+        if self.hparams.source_names:
+            self._flush_source_tokens()
+            for name, count in zip(self.hparams.source_names, self.source_tokens_total):
+                metrics[f"data/tokens/{name}"] = float(count)
         now = time.perf_counter()
         if self._last_log is not None:
             seconds, tokens = now - self._last_log[0], self.tokens_seen - self._last_log[1]
@@ -190,7 +190,18 @@ class PretrainModule(L.LightningModule):
         self._loss_sum, self._loss_count = None, 0
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=self.tokens_seen)
+        # The console bar shows these at the logging interval: no host sync per micro-batch.
+        self.log("train/loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
         self.log("train/lr", metrics["train/lr"], prog_bar=True, logger=False, rank_zero_only=True)
+
+    def _flush_source_tokens(self) -> None:
+        """Add this interval's per-source tokens, summed over ranks, to the running totals (collective)."""
+        if self._source_tokens is None:
+            return
+        totals = self.trainer.strategy.reduce(self._source_tokens.float(), reduce_op="sum")
+        self._source_tokens = None
+        for i, count in enumerate(totals.tolist()):
+            self.source_tokens_total[i] += int(count)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch["tokens"])
@@ -204,16 +215,23 @@ class PretrainModule(L.LightningModule):
 
     # -- checkpoints and stages ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._flush_source_tokens()  # every rank dumps the checkpoint, so the reduce is safe
         checkpoint["danube"] = {
             "tokens_seen": self.tokens_seen,
             "model_config": self.config.to_dict(),
             "seq_len": self.hparams.seq_len,
             "tokenizer_checksum": self.hparams.tokenizer_checksum,
+            "source_tokens": dict(zip(self.hparams.source_names or [], self.source_tokens_total)),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_tokenizer(checkpoint, "the checkpoint being resumed")
+        self._restore_counters(checkpoint)
+
+    def _restore_counters(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint["danube"]["tokens_seen"])
+        saved = checkpoint["danube"].get("source_tokens", {})
+        self.source_tokens_total = [int(saved.get(n, 0)) for n in self.hparams.source_names or []]
 
     def _check_tokenizer(self, checkpoint: dict[str, Any], what: str) -> None:
         theirs, ours = checkpoint["danube"].get("tokenizer_checksum"), self.hparams.tokenizer_checksum
@@ -234,5 +252,5 @@ class PretrainModule(L.LightningModule):
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
         self.model.load_state_dict(state, strict=True)
         self.trainer.optimizers[0].load_state_dict(ckpt["optimizer_states"][0])
-        self.tokens_seen = int(ckpt["danube"]["tokens_seen"])
+        self._restore_counters(ckpt)
         log.info("started from %s at %s tokens", path, f"{self.tokens_seen:,}")
