@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("danube.hf:import_hf_main", "convert a Hugging Face Llama/Mistral directory to a danube model directory"),
     "export-hf": ("danube.hf:export_hf_main", "convert a danube model directory to a Hugging Face directory"),
+    "plot": ("danube.plot:plot_main", "plot a run's train/val loss, LR and sequence length against tokens (Figure 1)"),
     "train-tokenizer": ("danube.data.tokenizer:train_tokenizer_main", "train a byte-fallback BPE SentencePiece tokenizer"),
 }
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"danube: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     module, func = COMMANDS[name][0].split(":")
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
 

@@ -1,0 +1,228 @@
+"""Next-token pretraining as a LightningModule.
+
+Learning rate, logging and stage hand-offs are all keyed on ``tokens_seen``, the tokens
+consumed by all devices together, which the checkpoint carries from stage to stage.
+TensorBoard scalars use tokens seen as their x-axis (the report's Figure 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from danube.model import Danube, DanubeConfig, build_model
+from danube.model.transformer import linear_no_bias
+from danube.precision import fp8_autocast, te_linear_factory
+from danube.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum", ignore_index=-100)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """Mean next-token loss without materialising all logits at once.
+
+    Each chunk's logits (chunk x vocab, fp32) are recomputed in the backward pass instead
+    of stored: for a 32k vocabulary this is most of a step's activation memory.
+    """
+    h, t = hidden.flatten(0, 1), targets.flatten()
+    count = (t != -100).sum().clamp(min=1)
+    if h.shape[0] <= chunk_tokens:
+        return _ce_sum(h, weight, t) / count
+    total = sum(
+        checkpoint(_ce_sum, hs, weight, ts, use_reentrant=False)
+        for hs, ts in zip(h.split(chunk_tokens), t.split(chunk_tokens))
+    )
+    return total / count
+
+
+class PretrainModule(L.LightningModule):
+    """Danube pretraining: AdamW, token-keyed cosine LR, chunked cross-entropy.
+
+    Args:
+        model: ``DanubeConfig`` fields.
+        optim: lr, min_lr, warmup_tokens, betas, eps, weight_decay, grad_clip, fused.
+        total_tokens: tokens of the whole recipe (all stages): where the cosine ends.
+        global_batch_tokens: tokens per optimizer step across all devices.
+        seq_len: this stage's sequence length (logged as ``train/seq_len``).
+        precision: the precision config (``fp8: true`` builds Transformer Engine layers).
+        peak_flops: per-device peak for ``perf/mfu`` (None: not logged).
+        init_from: a checkpoint of the previous stage to start from (weights, optimizer, tokens).
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        *,
+        total_tokens: int,
+        global_batch_tokens: int,
+        seq_len: int,
+        precision: dict | None = None,
+        log_every_n_steps: int = 10,
+        loss_chunk_tokens: int = 4096,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        peak_flops: float | None = None,
+        source_names: list[str] | None = None,
+        init_from: str | None = None,
+        tokenizer_checksum: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = DanubeConfig.from_dict(model)
+        self.model = None
+        self.tokens_seen = 0
+        self.fp8 = bool((precision or {}).get("fp8"))
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self._source_tokens: torch.Tensor | None = None
+        self._last_log: tuple[float, int] | None = None
+
+    # -- model ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        linear = te_linear_factory(self.hparams.precision) if self.fp8 else linear_no_bias
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if self.fp8:
+            # TE layers keep FP8 scaling state outside parameters; build them on the device
+            # directly rather than through meta + to_empty.
+            with torch.device(device):
+                self.model = Danube(self.config, linear)
+            self.model.init_weights()
+        else:
+            self.model = build_model(self.config, device=device, linear=linear)
+        if self.hparams.activation_checkpointing:
+            self.model.set_gradient_checkpointing(True)
+        if self.hparams.compile:
+            for layer in self.model.model.layers:
+                layer.compile()  # in place: parameter names (and checkpoints) stay the same
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
+        with fp8_autocast(self.fp8, self.hparams.precision):
+            hidden = self.model.model(tokens[:, :-1])  # (B, T, C)
+        return chunked_cross_entropy(hidden, self.model.lm_head.weight, tokens[:, 1:], self.hparams.loss_chunk_tokens)
+
+    # -- optimisation --------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        fused = o.get("fused", "auto")
+        if fused == "auto":
+            fused = self.trainer.strategy.root_device.type == "cuda" if self._trainer is not None else False
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr_now(), betas=tuple(o["betas"]), eps=o["eps"], fused=bool(fused),
+        )
+
+    def lr_now(self) -> float:
+        o = self.hparams.optim
+        return lr_at(self.tokens_seen, lr=o["lr"], min_lr=o["min_lr"], warmup_tokens=int(o["warmup_tokens"]),
+                     total_tokens=int(self.hparams.total_tokens))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # tokens_seen already counts this step's batch (see danube.schedule.lr_at).
+        lr = self.lr_now()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- steps ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        tokens = batch["tokens"]
+        loss = self.loss(tokens)
+        self.tokens_seen += tokens.shape[0] * (tokens.shape[1] - 1) * self.trainer.world_size
+        detached = loss.detach()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._loss_count += 1
+        if "source" in batch and self.hparams.source_names:
+            counts = torch.bincount(batch["source"], minlength=len(self.hparams.source_names))
+            counts = counts * (tokens.shape[1] - 1)
+            self._source_tokens = counts if self._source_tokens is None else self._source_tokens + counts
+        self.log("train/loss", detached, prog_bar=True, logger=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        if stepped and self.global_step % self.hparams.log_every_n_steps == 0:
+            self._log_train_metrics()
+
+    def _log_train_metrics(self) -> None:
+        """Reduce across ranks and write one point per metric at x = tokens seen."""
+        if self._loss_sum is None:
+            return
+        loss = self.trainer.strategy.reduce(self._loss_sum / self._loss_count, reduce_op="mean")
+        metrics: dict[str, float] = {
+            "train/loss": float(loss),
+            "train/lr": self.optimizers().optimizer.param_groups[0]["lr"],
+            "train/seq_len": float(self.hparams.seq_len),
+            "train/tokens_seen": float(self.tokens_seen),
+            "train/step": float(self.global_step),
+        }
+        if self._source_tokens is not None:
+            totals = self.trainer.strategy.reduce(self._source_tokens.float(), reduce_op="sum")
+            for name, count in zip(self.hparams.source_names, totals.tolist()):
+                metrics[f"data/tokens/{name}"] = count
+        now = time.perf_counter()
+        if self._last_log is not None:
+            seconds, tokens = now - self._last_log[0], self.tokens_seen - self._last_log[1]
+            if seconds > 0 and tokens > 0:
+                tps = tokens / seconds
+                metrics["perf/tokens_per_sec"] = tps
+                metrics["perf/tokens_per_sec_per_device"] = tps / self.trainer.world_size
+                if self.hparams.peak_flops:
+                    flops = self.config.flops_per_token(self.hparams.seq_len) * tps / self.trainer.world_size
+                    metrics["perf/mfu"] = flops / self.hparams.peak_flops
+        self._last_log = (now, self.tokens_seen)
+        self._loss_sum, self._loss_count = None, 0
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=self.tokens_seen)
+        self.log("train/lr", metrics["train/lr"], prog_bar=True, logger=False, rank_zero_only=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch["tokens"])
+        self.log("val/loss", loss, prog_bar=True, logger=False, sync_dist=True, batch_size=batch["tokens"].shape[0])
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.trainer.callback_metrics.get("val/loss")
+        if value is not None and self.logger is not None and not self.trainer.sanity_checking:
+            self.logger.log_metrics({"val/loss": float(value)}, step=self.tokens_seen)
+
+    # -- checkpoints and stages ----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["danube"] = {
+            "tokens_seen": self.tokens_seen,
+            "model_config": self.config.to_dict(),
+            "seq_len": self.hparams.seq_len,
+            "tokenizer_checksum": self.hparams.tokenizer_checksum,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint["danube"]["tokens_seen"])
+
+    def on_fit_start(self) -> None:
+        if self.hparams.init_from and self.trainer.ckpt_path is None:
+            self._start_from_previous_stage(self.hparams.init_from)
+
+    def _start_from_previous_stage(self, path: str) -> None:
+        """Weights, optimizer moments and tokens seen of the previous stage; loops start afresh."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+        self.model.load_state_dict(state, strict=True)
+        self.trainer.optimizers[0].load_state_dict(ckpt["optimizer_states"][0])
+        self.tokens_seen = int(ckpt["danube"]["tokens_seen"])
+        log.info("started from %s at %s tokens", path, f"{self.tokens_seen:,}")

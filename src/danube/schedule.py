@@ -1,0 +1,109 @@
+"""Token-based learning-rate schedule and the multi-stage training plan.
+
+Everything is a function of tokens seen, never of steps: stages change the sequence
+length (and so the micro-batch) but not the tokens per optimizer step, and the cosine
+runs from the first token of the first stage to the last token of the last one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def lr_at(tokens: int, *, lr: float, min_lr: float, warmup_tokens: int, total_tokens: int) -> float:
+    """Linear warm-up over ``warmup_tokens`` to ``lr``, then cosine to ``min_lr`` at ``total_tokens``.
+
+    A step uses the LR at the tokens seen *after* it, so the first step's LR is not 0.
+    """
+    if tokens < warmup_tokens:
+        return lr * tokens / warmup_tokens
+    if tokens >= total_tokens:
+        return min_lr
+    progress = (tokens - warmup_tokens) / max(1, total_tokens - warmup_tokens)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage resolved against the batch settings and the devices."""
+
+    index: int
+    name: str
+    seq_len: int
+    tokens: int
+    start_tokens: int
+    micro_batch_size: int
+    grad_accum: int
+    steps: int
+
+    @property
+    def end_tokens(self) -> int:
+        return self.start_tokens + self.tokens
+
+
+def plan_stages(
+    stages: list[dict], *, global_batch_tokens: int, micro_batch_tokens: int, world_size: int
+) -> list[StagePlan]:
+    """Resolve each stage's micro-batch, accumulation and step count; raise on what cannot divide."""
+    if not stages:
+        raise ValueError("recipe.stages is empty")
+    plans, start = [], 0
+    for i, stage in enumerate(stages):
+        name, seq_len, tokens = stage["name"], int(stage["seq_len"]), int(stage["tokens"])
+        where = f"recipe.stages[{i}] ({name})"
+        if micro_batch_tokens % seq_len:
+            raise ValueError(
+                f"{where}: train.micro_batch_tokens={micro_batch_tokens} is not a multiple of seq_len={seq_len}"
+            )
+        micro = micro_batch_tokens // seq_len
+        per_pass = world_size * micro * seq_len
+        if global_batch_tokens % per_pass:
+            raise ValueError(
+                f"{where}: train.global_batch_tokens={global_batch_tokens} is not divisible by "
+                f"devices x micro-batch x seq_len = {world_size} x {micro} x {seq_len} = {per_pass}"
+            )
+        steps = tokens // global_batch_tokens
+        if steps < 1:
+            raise ValueError(f"{where}: tokens={tokens} is less than one step of {global_batch_tokens} tokens")
+        plans.append(StagePlan(i, name, seq_len, steps * global_batch_tokens, start, micro,
+                               global_batch_tokens // per_pass, steps))
+        start += steps * global_batch_tokens
+    return plans
+
+
+def format_plan(
+    plans: list[StagePlan],
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_tokens: int,
+    tokens_per_sec: float,
+    world_size: int,
+    global_batch_tokens: int,
+) -> str:
+    """The whole schedule as a Markdown table: what a person checks before renting 8 GPUs for weeks."""
+    total = plans[-1].end_tokens
+
+    def lr_of(t: int) -> str:
+        return f"{lr_at(t, lr=lr, min_lr=min_lr, warmup_tokens=warmup_tokens, total_tokens=total):.3g}"
+
+    head = (
+        "| stage | seq_len | tokens | start -> end tokens | steps | micro-batch | grad accum | LR first step | "
+        "LR last step | hours |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+    )
+    rows, hours_total = [], 0.0
+    for p in plans:
+        hours = p.tokens / tokens_per_sec / 3600
+        hours_total += hours
+        rows.append(
+            f"| {p.name} | {p.seq_len:,} | {p.tokens:,} | {p.start_tokens:,} -> {p.end_tokens:,} | "
+            f"{p.steps:,} | {p.micro_batch_size} | {p.grad_accum} | {lr_of(p.start_tokens + global_batch_tokens)} | "
+            f"{lr_of(p.end_tokens)} | {hours:,.1f} |"
+        )
+    foot = (
+        f"\n{total:,} tokens in {sum(p.steps for p in plans):,} steps of {global_batch_tokens:,} tokens on "
+        f"{world_size} device(s); warm-up {warmup_tokens:,} tokens to {lr:g}, cosine to {min_lr:g}; "
+        f"{hours_total:,.1f} h ({hours_total / 24:,.1f} days) at {tokens_per_sec:,.0f} tokens/s."
+    )
+    return "\n".join([head, *rows]) + foot

@@ -1,0 +1,217 @@
+"""Pretraining: one or all stages of a recipe, resumable, with everything under ``run_dir``.
+
+Run directory layout::
+
+    run_dir/
+      config.yaml                     # the resolved config of the last invocation
+      tensorboard/<stage>/            # scalars with tokens seen as the x-axis
+      <stage>/checkpoints/last.ckpt   # periodic + last (atomic writes)
+      <stage>/final.ckpt              # written when the stage completes
+      <stage>/model/                  # the stage's weights as a danube model directory
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from danube.data.tokenizer import Tokenizer
+from danube.model.io import save_model_dir
+from danube.schedule import StagePlan, format_plan, plan_stages
+from danube.tasks.common import (
+    build_trainer,
+    check_trainer_config,
+    peak_flops,
+    resolve_run_dir,
+    save_resolved_config,
+    world_size,
+)
+
+log = logging.getLogger(__name__)
+
+RESUME_CHOICES = ("auto", "never")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    tokens_seen: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+
+
+def stage_plans(cfg: DictConfig) -> list[StagePlan]:
+    return plan_stages(
+        OmegaConf.to_container(cfg.recipe.stages, resolve=True),
+        global_batch_tokens=int(cfg.train.global_batch_tokens),
+        micro_batch_tokens=int(cfg.train.micro_batch_tokens),
+        world_size=world_size(cfg.trainer),
+    )
+
+
+def selected_stages(cfg: DictConfig, plans: list[StagePlan]) -> list[StagePlan]:
+    if cfg.stage == "all":
+        return plans
+    names = [p.name for p in plans]
+    if cfg.stage not in names:
+        raise ValueError(f"stage={cfg.stage!r} is not in this recipe; allowed: all, {', '.join(names)}")
+    return [plans[names.index(cfg.stage)]]
+
+
+def validate(cfg: DictConfig) -> list[StagePlan]:
+    """Every check that can fail, before any data is read or any weight is built."""
+    resume = str(cfg.resume)
+    if resume not in RESUME_CHOICES and not Path(resume).is_file():
+        raise ValueError(f"resume={resume!r}: expected auto, never, or the path of an existing .ckpt file")
+    model_cfg = instantiate(cfg.model)
+    plans = stage_plans(cfg)
+    for p in plans:
+        if p.seq_len > model_cfg.max_seq_len:
+            raise ValueError(f"stage {p.name}: seq_len={p.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere
+        check_trainer_config(cfg.trainer, cfg.precision)
+    return plans
+
+
+def prepare_data(cfg: DictConfig) -> tuple[dict[str, str], dict[str, float] | None, Tokenizer]:
+    """Sources, weights and tokenizer; the embedded sample is built on first use."""
+    data = cfg.data
+    if data.kind == "sample":
+        from danube.data.sample import ensure_sample_data
+
+        tok_path, shard_dir = ensure_sample_data(data.root, vocab_size=int(data.vocab_size))
+        return {"sample": str(shard_dir)}, None, Tokenizer(tok_path)
+    if data.kind != "shards":
+        raise ValueError(f"data.kind={data.kind!r}; allowed: sample, shards")
+    sources = OmegaConf.to_container(data.sources, resolve=True)
+    if isinstance(sources, str):
+        sources = {Path(sources).name: sources}
+    elif isinstance(sources, list):
+        sources = {Path(s).name: s for s in sources}
+    weights = OmegaConf.to_container(data.weights, resolve=True) if data.get("weights") else None
+    return sources, weights, Tokenizer(data.tokenizer)
+
+
+def run(cfg: DictConfig) -> TrainResult | None:
+    """Train the selected stage(s). With ``plan=true``, print the schedule and return None."""
+    plans = validate(cfg)
+    if cfg.plan:
+        o = cfg.optim
+        print(format_plan(plans, lr=o.lr, min_lr=o.min_lr, warmup_tokens=int(o.warmup_tokens),
+                          tokens_per_sec=float(cfg.plan_tokens_per_sec), world_size=world_size(cfg.trainer),
+                          global_batch_tokens=int(cfg.train.global_batch_tokens)))
+        return None
+    model_cfg = instantiate(cfg.model)
+    sources, weights, tokenizer = prepare_data(cfg)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.model_file} has {tokenizer.vocab_size} pieces but model.vocab_size="
+            f"{model_cfg.vocab_size}: the embedding must cover every id"
+        )
+    run_dir = resolve_run_dir(cfg)
+    check_fresh_run_dir(cfg, run_dir)
+    save_resolved_config(cfg, run_dir)
+    L.seed_everything(int(cfg.seed), workers=True)
+    total_tokens = plans[-1].end_tokens
+    result = None
+    for plan in selected_stages(cfg, plans):
+        result = run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer)
+    log.info("run directory %s: TensorBoard logs in %s, model in %s", run_dir, run_dir / "tensorboard",
+             result.model_dir)
+    return result
+
+
+def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    if str(cfg.resume) == "never" and any(run_dir.glob("*/checkpoints/*.ckpt")):
+        raise FileExistsError(
+            f"resume=never but {run_dir} already holds checkpoints; choose another run_dir "
+            "(or resume=auto to continue it) -- nothing was overwritten"
+        )
+
+
+def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_dir: Path) -> tuple[str | None, str | None]:
+    """(ckpt_path to resume this stage from, checkpoint of the previous stage to start from)."""
+    resume = str(cfg.resume)
+    if resume not in RESUME_CHOICES:
+        return resume, None
+    last = run_dir / plan.name / "checkpoints" / "last.ckpt"
+    if resume == "auto" and last.is_file():
+        return str(last), None
+    if plan.index == 0:
+        return None, None
+    prev = plans[plan.index - 1]
+    final = run_dir / prev.name / "final.ckpt"
+    if not final.is_file():
+        raise FileNotFoundError(
+            f"stage {plan.name} starts from stage {prev.name}'s final checkpoint, {final}, which does not exist: "
+            f"run stage={prev.name} first (same run_dir), or stage=all"
+        )
+    return None, str(final)
+
+
+def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer) -> TrainResult:
+    from danube.data.pretrain import PretrainDataModule
+
+    stage_dir = run_dir / plan.name
+    model_dir = stage_dir / "model"
+    if (stage_dir / "final.ckpt").is_file() and str(cfg.resume) == "auto":
+        log.info("stage %s is already complete (%s): skipping", plan.name, stage_dir / "final.ckpt")
+        ckpt = torch.load(stage_dir / "final.ckpt", map_location="cpu", weights_only=False)
+        return TrainResult(run_dir, model_dir, int(ckpt["danube"]["tokens_seen"]), None, None)
+    ckpt_path, init_from = stage_start(cfg, plan, plans, run_dir)
+    log.info("stage %s: seq_len %d, %s tokens, %d steps, micro-batch %d x %d accumulation%s", plan.name,
+             plan.seq_len, f"{plan.tokens:,}", plan.steps, plan.micro_batch_size, plan.grad_accum,
+             f", resuming {ckpt_path}" if ckpt_path else (f", from {init_from}" if init_from else ""))
+    datamodule = PretrainDataModule(
+        sources=sources, weights=weights, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
+        seed=int(cfg.seed) + plan.index, num_workers=int(cfg.data.num_workers),
+        tokenizer_checksum=tokenizer.checksum, val_batches=cfg.train.val_batches,
+    )
+    module = build_module(cfg, plan, total_tokens, init_from, tokenizer, list(sources))
+    accumulate = plan.grad_accum
+    trainer = build_trainer(
+        cfg, stage_dir=stage_dir, logger_dir=run_dir / "tensorboard", logger_version=plan.name,
+        max_steps=plan.steps, accumulate=accumulate,
+        val_check_interval=min(int(cfg.train.val_every_n_steps), plan.steps) * accumulate,
+        checkpoint_every_n_steps=int(cfg.train.checkpoint_every_n_steps),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(stage_dir / "final.ckpt")
+    if trainer.is_global_zero:
+        save_model_dir(module.model, model_dir, tokenizer=tokenizer.model_file)
+    metrics = trainer.callback_metrics
+    val = metrics.get("val/loss")
+    train = metrics.get("train/loss")
+    return TrainResult(run_dir, model_dir, module.tokens_seen,
+                       None if train is None else float(train), None if val is None else float(val))
+
+
+def build_module(cfg, plan: StagePlan, total_tokens: int, init_from: str | None, tokenizer: Tokenizer,
+                 source_names: list[str]):
+    from danube.lit.pretrain import PretrainModule
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("_target_", None)
+    return PretrainModule(
+        model=model_cfg,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        total_tokens=total_tokens,
+        global_batch_tokens=int(cfg.train.global_batch_tokens),
+        seq_len=plan.seq_len,
+        precision=OmegaConf.to_container(cfg.precision, resolve=True),
+        log_every_n_steps=int(cfg.train.log_every_n_steps),
+        loss_chunk_tokens=int(cfg.train.loss_chunk_tokens),
+        compile=bool(cfg.train.compile),
+        activation_checkpointing=bool(cfg.train.activation_checkpointing),
+        peak_flops=peak_flops(cfg),
+        source_names=source_names,
+        init_from=init_from,
+        tokenizer_checksum=tokenizer.checksum,
+    )

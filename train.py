@@ -1,0 +1,21 @@
+"""Pretrain a Danube model: `python train.py` (tiny model, embedded data, CPU).
+
+The report's run, one stage at a time:
+    python train.py model=danube_1p8b stage=seq2k trainer=h100x8 precision=fp8 data=pretrain ...
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from danube.tasks.train import run
+
+    result = run(cfg)
+    # Hydra sweepers (Optuna) minimise what main returns.
+    return None if result is None else result.final_val_loss
+
+
+if __name__ == "__main__":
+    main()
