@@ -1,0 +1,15 @@
+"""Evaluate a model: lm-eval tasks, the report's suites, perplexity, MT-Bench answers."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from danube.tasks.evaluate import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

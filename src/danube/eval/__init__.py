@@ -1,0 +1,1 @@
+"""Evaluation: lm-evaluation-harness adapter, suites, report tables, perplexity, MT-Bench."""

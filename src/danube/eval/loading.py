@@ -1,0 +1,90 @@
+"""Load a model and its tokenizer from a danube model directory or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from danube.model import Danube
+from danube.model.io import CONFIG_FILE, TOKENIZER_FILE, load_pretrained
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TextTokenizer:
+    """The few calls evaluation needs, over SentencePiece (danube dirs) or transformers (HF dirs).
+
+    ``encode(text, bos=True)`` matches what lm-eval's ``hf`` model gets from the
+    Hugging Face tokenizer: BOS first, then the text's pieces. ``decode`` drops special
+    tokens, as lm-eval does.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        self.source = path
+        sp_file = path if path.is_file() else path / TOKENIZER_FILE
+        if (path / CONFIG_FILE).is_file() or path.is_file():
+            if not sp_file.is_file():
+                raise FileNotFoundError(
+                    f"{path}: no {TOKENIZER_FILE} in the model directory; pass tokenizer=PATH "
+                    "(a SentencePiece .model file or a Hugging Face tokenizer directory)"
+                )
+            from danube.data.tokenizer import Tokenizer
+
+            self.sp = Tokenizer(sp_file)
+            self.hf = None
+            self.bos_id, self.eos_id = self.sp.bos_id, self.sp.eos_id
+            self.vocab_size = self.sp.vocab_size
+        else:
+            from transformers import AutoTokenizer
+
+            try:
+                self.hf = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as err:
+                raise FileNotFoundError(f"{path}: no usable Hugging Face tokenizer files: {err}") from err
+            self.sp = None
+            self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else -1
+            self.eos_id = self.hf.eos_token_id
+            self.vocab_size = len(self.hf)
+        self.eos_text = self.decode_special([self.eos_id])
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        if self.sp is not None:
+            return self.sp.encode(text, bos=bos)
+        return self.hf.encode(text, add_special_tokens=bos)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.sp is not None:
+            return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def decode_special(self, ids: list[int]) -> str:
+        if self.sp is not None:
+            return "".join(self.sp.id_to_piece(i) for i in ids)
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+
+def load_for_eval(
+    model_path: str | Path,
+    tokenizer: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> tuple[Danube, TextTokenizer]:
+    """Model (eval mode) and tokenizer; ``tokenizer`` defaults to the model directory's own."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = TextTokenizer(tokenizer or model_path)
+    model = load_pretrained(model_path, device=device, dtype=DTYPES[dtype]).eval()
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.source} has {tok.vocab_size} tokens but the model {model_path} only "
+            f"{model.cfg.vocab_size}: they do not belong together"
+        )
+    log.info("loaded %s (%s, %s) with tokenizer %s", model_path, device, dtype, tok.source)
+    return model, tok

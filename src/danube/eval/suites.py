@@ -1,0 +1,136 @@
+"""Run lm-eval tasks, each with its own number of shots, and pick the report's metric of each.
+
+A suite (``conf/suite/*.yaml``) lists ``{task, num_fewshot, metric, column}`` entries.
+Datasets come from the Hugging Face cache or local files only: a task whose dataset is
+not available offline fails before any model work, with its name and how to supply it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A task's dataset is neither in the local cache nor in local files."""
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    task: str
+    num_fewshot: int | None
+    metric: str | None = None  # lm-eval result key, e.g. "acc_norm,none"
+    column: str | None = None  # table column it fills
+
+
+def parse_entries(entries: Iterable[Any], task_map: dict[str, str] | None = None) -> list[SuiteTask]:
+    """Suite entries (dicts) -> :class:`SuiteTask`, with ``task_map`` replacements applied."""
+    task_map = dict(task_map or {})
+    out = []
+    for i, e in enumerate(entries):
+        e = dict(e)
+        if "task" not in e:
+            raise ValueError(f"suite entry {i} has no 'task' key: {e}")
+        unknown = set(e) - {"task", "num_fewshot", "metric", "column"}
+        if unknown:
+            raise ValueError(f"suite entry {i} ({e['task']}): unknown keys {sorted(unknown)}")
+        task = task_map.pop(e["task"], e["task"])
+        out.append(SuiteTask(task, e.get("num_fewshot"), e.get("metric"), e.get("column")))
+    if task_map:
+        raise ValueError(f"task_map names tasks that are not in the suite: {sorted(task_map)}")
+    return out
+
+
+def go_offline() -> None:
+    """Make datasets / huggingface_hub refuse the network, even if already imported."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import sys
+
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        config = sys.modules["datasets"].config
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            if hasattr(config, name):
+                setattr(config, name, True)
+
+
+def _dataset_of(task_manager, name: str) -> str:
+    entry = task_manager.task_index.get(name)
+    cfg = getattr(entry, "cfg", None) or {}
+    if not isinstance(cfg, dict) or not cfg.get("dataset_path"):
+        return "its dataset"
+    path, sub = cfg["dataset_path"], cfg.get("dataset_name")
+    return f"{path}" + (f" (config {sub})" if sub else "")
+
+
+def check_available(task_manager, tasks: Iterable[str]) -> None:
+    """Load each task (its dataset included) now; raise a clear error for the first that fails."""
+    for name in tasks:
+        if name not in task_manager.all_tasks:
+            raise ValueError(
+                f"unknown lm-eval task {name!r}: not a built-in task and not in include_path "
+                f"({task_manager.include_path or 'none given'})"
+            )
+        try:
+            task_manager.load([name])
+        except OSError as err:  # ConnectionError (offline), FileNotFoundError (missing files)
+            raise DatasetUnavailableError(
+                f"task {name!r} needs dataset {_dataset_of(task_manager, name)}, which is not available "
+                f"offline ({type(err).__name__}: {err}). Supply it either (a) in the Hugging Face cache: "
+                "run once with network access and `offline=false`, keeping HF_DATASETS_CACHE/HF_HOME, then "
+                "offline with the same cache dir; or (b) as local files: write a task YAML with "
+                "`dataset_path: json` and `dataset_kwargs: {data_files: {test: FILE}}` into a folder, and run "
+                f"with include_path=FOLDER task_map={{{name}: YOUR_TASK}}"
+            ) from err
+
+
+def run_tasks(
+    lm,
+    tasks: list[SuiteTask],
+    include_path: str | None = None,
+    limit: float | None = None,
+    seed: int = 1234,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``tasks`` with one model instance; one ``simple_evaluate`` per shot count.
+
+    Returns lm-eval's ``results`` / ``n-shot`` / ``configs`` / ``versions`` merged over the
+    calls, plus ``scores``: ``{column or task: value}`` of each entry's metric, in percent.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path)
+    check_available(manager, [t.task for t in tasks])
+    by_shots: dict[int | None, list[SuiteTask]] = defaultdict(list)
+    for t in tasks:
+        by_shots[t.num_fewshot].append(t)
+    merged: dict[str, Any] = {"results": {}, "n-shot": {}, "configs": {}, "versions": {}, "samples": {}}
+    for shots, group in by_shots.items():
+        log.info("lm-eval: %s with num_fewshot=%s", [t.task for t in group], shots)
+        out = simple_evaluate(
+            model=lm, tasks=[t.task for t in group], num_fewshot=shots, limit=limit, task_manager=manager,
+            bootstrap_iters=0, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+        for key in merged:
+            merged[key].update(out.get(key) or {})
+    scores: dict[str, float | None] = {}
+    for t in tasks:
+        res = merged["results"].get(t.task, {})
+        metric = t.metric or next((k for k in res if "," in k and not k.endswith("_stderr") and "stderr" not in k), None)
+        value = res.get(metric) if metric else None
+        if metric and value is None:
+            log.warning("task %s has no metric %r; its results hold %s", t.task, metric, sorted(res))
+        scores[t.column or t.task] = None if value is None else 100.0 * float(value)
+    merged["scores"] = scores
+    if not log_samples:
+        merged.pop("samples")
+    return merged

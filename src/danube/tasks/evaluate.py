@@ -1,0 +1,147 @@
+"""``python evaluate.py``: lm-eval tasks and the report's suites, perplexity, MT-Bench answers.
+
+Writes ``output_path`` (results JSON) and, for suites with a table, a Markdown table
+beside it (same name, ``.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+KINDS = ("lm_eval", "perplexity", "mt_bench")
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _size(model) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def _check(cfg: DictConfig) -> tuple[str, DictConfig | None]:
+    """Validate the config before any model is loaded."""
+    suite = cfg.get("suite")
+    kind = suite.get("kind", "lm_eval") if suite else "lm_eval"
+    if kind not in KINDS:
+        raise ValueError(f"suite.kind={kind!r}; choose one of {KINDS}")
+    model_path = Path(cfg.model_path)
+    if not model_path.is_dir():
+        raise FileNotFoundError(f"model_path={model_path}: not a directory")
+    if kind == "lm_eval" and not suite and not cfg.get("tasks"):
+        raise ValueError("give tasks=[task,...] or suite=danube_table1|open_llm_v1|perplexity|mt_bench")
+    if suite and cfg.get("tasks"):
+        raise ValueError("give either tasks=[...] or suite=..., not both")
+    if kind == "perplexity" and not cfg.get("data_dir"):
+        raise ValueError("suite=perplexity needs data_dir=FOLDER (validation shards from `danube prepare`)")
+    if kind == "mt_bench" and not cfg.get("questions"):
+        raise ValueError("suite=mt_bench needs questions=PATH (FastChat's data/mt_bench/question.jsonl)")
+    if cfg.get("include_path") and not Path(cfg.include_path).is_dir():
+        raise FileNotFoundError(f"include_path={cfg.include_path}: not a directory")
+    return kind, suite
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.model_path`` as ``cfg`` says; returns what is written to ``output_path``."""
+    kind, suite = _check(cfg)
+    if cfg.get("offline", True):
+        from danube.eval.suites import go_offline
+
+        go_offline()
+    import torch
+
+    torch.manual_seed(int(cfg.seed))
+    model_name = cfg.get("model_name") or Path(cfg.model_path).resolve().name
+    label = suite.name if suite else "tasks"
+    out_path = Path(cfg.output_path) if cfg.get("output_path") else Path(cfg.paths.runs_dir) / "eval" / f"{model_name}-{label}.json"
+    result: dict[str, Any] = {"model_path": str(cfg.model_path), "model_name": model_name, "suite": label, "kind": kind}
+    table = None
+
+    if kind == "lm_eval":
+        from danube.eval.lm_eval_adapter import DanubeLM
+        from danube.eval.suites import SuiteTask, parse_entries, run_tasks
+
+        if suite:
+            tasks = parse_entries(OmegaConf.to_container(suite.tasks), OmegaConf.to_container(cfg.task_map) if cfg.get("task_map") else None)
+        else:
+            names = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
+            tasks = [SuiteTask(t, cfg.get("num_fewshot")) for t in names]
+        lm = DanubeLM(
+            str(cfg.model_path), tokenizer=cfg.get("tokenizer"), device=cfg.device, dtype=cfg.dtype,
+            batch_size=cfg.batch_size, max_length=cfg.get("max_length"),
+        )
+        out = run_tasks(lm, tasks, include_path=cfg.get("include_path"), limit=cfg.get("limit"), seed=int(cfg.seed))
+        result.update(out)
+        if suite and suite.get("table"):
+            from danube.eval.tables import benchmark_table
+
+            reference = cfg.get("reference") or suite.get("reference")
+            table = benchmark_table(
+                suite.table, out["scores"], model_name, size=cfg.get("model_size") or _size(lm.model),
+                tokens=cfg.get("model_tokens") or "", reference=reference,
+            )
+    elif kind == "perplexity":
+        from danube.eval.perplexity import perplexity
+
+        model = _load_model_only(cfg)
+        result["perplexity"] = perplexity(model, cfg.data_dir, int(cfg.seq_len), int(cfg.batch_size), cfg.get("max_blocks"))
+        p = result["perplexity"]
+        table = f"| Model | Data | seq_len | Tokens | Loss | Perplexity |\n|---|---|---:|---:|---:|---:|\n| {model_name} | {p['data_dir']} | {p['seq_len']} | {p['tokens']:,} | {p['loss']:.4f} | {p['perplexity']:.3f} |\n"
+    else:
+        table = _mt_bench(cfg, model_name, out_path, result)
+
+    _write_text(out_path, json.dumps(result, indent=2, default=str) + "\n")
+    log.info("wrote %s", out_path)
+    if table:
+        _write_text(out_path.with_suffix(".md"), table)
+        log.info("wrote %s\n%s", out_path.with_suffix(".md"), table)
+    return result
+
+
+def _load_model_only(cfg: DictConfig):
+    """Perplexity needs no tokenizer: the shards are token ids already."""
+    import torch
+
+    from danube.eval.loading import DTYPES
+    from danube.model.io import load_pretrained
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_pretrained(cfg.model_path, device=device, dtype=DTYPES[cfg.dtype]).eval()
+
+
+def _mt_bench(cfg: DictConfig, model_name: str, out_path: Path, result: dict[str, Any]) -> str | None:
+    from danube.eval.loading import load_for_eval
+    from danube.eval.mt_bench import Judge, answer_questions, judge_answers, load_questions, tabulate, write_jsonl
+    from danube.eval.tables import mt_bench_table
+    from danube.model.generate import SamplingParams
+
+    questions = load_questions(cfg.questions, cfg.skip_categories or ())
+    judge = Judge(cfg.judge.url, cfg.judge.model, cfg.judge.get("api_key_env"), cfg.judge.get("timeout_s", 120)) if cfg.judge.get("url") else None
+    model, tok = load_for_eval(cfg.model_path, cfg.get("tokenizer"), cfg.device, cfg.dtype)
+    params = SamplingParams(
+        max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
+        repetition_penalty=float(cfg.repetition_penalty),
+    )
+    answers = answer_questions(model, tok, questions, model_name, params, int(cfg.batch_size), cfg.get("system_prompt"))
+    answers_path = write_jsonl(answers, out_path.with_name(f"{model_name}.jsonl"))
+    result.update(answers=str(answers_path), questions=len(questions), sampling=params.__dict__)
+    log.info("wrote %d MT-Bench answers to %s (FastChat model_answer format)", len(answers), answers_path)
+    if judge is None:
+        return None
+    judgments = judge_answers(judge, questions, answers)
+    judgments_path = write_jsonl(judgments, out_path.with_name(f"{model_name}-judgments.jsonl"))
+    scores = tabulate(judgments)
+    result.update(judgments=str(judgments_path), judge=judge.model, scores={str(k): v for k, v in scores.items()})
+    return mt_bench_table(scores, model_name)
