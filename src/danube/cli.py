@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("danube.hf:import_hf_main", "convert a Hugging Face Llama/Mistral directory to a danube model directory"),
     "export-hf": ("danube.hf:export_hf_main", "convert a danube model directory to a Hugging Face directory"),
     "train-tokenizer": ("danube.data.tokenizer:train_tokenizer_main", "train a byte-fallback BPE SentencePiece tokenizer"),
+    "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
 }
 
 
