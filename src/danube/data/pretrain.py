@@ -42,25 +42,11 @@ def _loader_class():
     from litdata import StreamingDataLoader
 
     class _ResumableLoader(StreamingDataLoader):
-        """A StreamingDataLoader that has a length for mixtures and loads a state idempotently.
+        """A StreamingDataLoader that yields only full batches and loads a state idempotently.
 
-        - Lightning prefetches one batch ahead from loaders without a length, so the state it
-          checkpoints would be one batch past the last trained one. A weighted mixture has no
-          exact length (it stops when the first source runs out), so report the expected one:
-          stopping earlier than that is handled by Lightning as the end of the epoch.
-        - Both the datamodule and Lightning's fit loop restore the same state; litdata's
-          ``load_state_dict`` advances a shared worker cycle each time, so start it afresh.
-        - Only full batches are yielded.
+        Both the datamodule and Lightning's fit loop restore the same state; litdata's
+        ``load_state_dict`` advances a shared worker cycle each time, so start it afresh.
         """
-
-        def __init__(self, *args, expected_len: int | None = None, **kwargs) -> None:
-            self._expected_len = expected_len
-            super().__init__(*args, **kwargs)
-
-        def __len__(self) -> int:
-            if self._expected_len is not None:
-                return self._expected_len
-            return super().__len__()
 
         def __iter__(self) -> Iterator[Any]:
             # litdata ignores drop_last for the DataLoader itself: a worker's last short batch
@@ -74,6 +60,79 @@ def _loader_class():
             super().load_state_dict(obj)
 
     return _ResumableLoader
+
+
+class _Mixture:
+    """A weighted mixture of per-source loaders (one block per step each) batched here.
+
+    litdata's ``CombinedStreamingDataset`` resumes a mixture exactly only with at most one
+    worker: its state sums the samples each worker drew per source, and the per-worker split
+    it then assumes is wrong when a worker drew unevenly. Here every source has its own
+    ``StreamingDataLoader`` (exactly resumable) and the source of sample ``k`` is a pure
+    function of ``(seed, epoch, k)``, so the mixture resumes exactly with any worker count.
+    Every rank draws the same source sequence; with litdata's equal per-rank shares the
+    ranks therefore end the epoch (the first source running out) at the same step.
+    """
+
+    _BLOCK = 4096
+
+    def __init__(self, loaders: list, source_ids: list[int], weights: list[float], batch_size: int, seed: int) -> None:
+        self.loaders, self.source_ids, self.batch_size, self.seed = loaders, source_ids, batch_size, seed
+        self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.epoch = 0
+        self.samples = 0  # drawn in the current epoch
+        self._restored = False
+        self._choices: tuple[int, np.ndarray] | None = None
+
+    def _choice(self, k: int) -> int:
+        block = k // self._BLOCK
+        if self._choices is None or self._choices[0] != block:
+            rng = np.random.default_rng([self.seed, self.epoch, block])
+            self._choices = (block, rng.choice(len(self.p), size=self._BLOCK, p=self.p))
+        return int(self._choices[1][k % self._BLOCK])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if not self._restored:
+            self.epoch += 1
+            self.samples = 0
+        self._restored = False
+        self._choices = None
+        iters = [iter(loader) for loader in self.loaders]
+        while True:
+            picks = [self._choice(self.samples + j) for j in range(self.batch_size)]
+            blocks = []
+            for i in picks:
+                try:
+                    blocks.append(next(iters[i]))
+                except StopIteration:
+                    return  # the first source to run out ends the epoch
+            self.samples += self.batch_size
+            yield {
+                "tokens": torch.cat([b["tokens"] for b in blocks]),
+                "source": torch.tensor([self.source_ids[i] for i in picks], dtype=torch.long),
+            }
+
+    def __len__(self) -> int:
+        """Expected batches per epoch: until the first source is expected to run out.
+
+        Lightning prefetches a batch from loaders without a length, so the state it saves
+        would be a batch ahead; with a length it does not. Ending earlier is just the end
+        of the epoch to Lightning.
+        """
+        lens = [len(loader) for loader in self.loaders]
+        return max(1, int(min(n / p for n, p in zip(lens, self.p) if p > 0)) // self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "samples": self.samples, "loaders": [lo.state_dict() for lo in self.loaders]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["loaders"]) != len(self.loaders):
+            raise ValueError(f"the saved data state has {len(state['loaders'])} sources, this run has "
+                             f"{len(self.loaders)}; resume with the same data sources")
+        for loader, s in zip(self.loaders, state["loaders"]):
+            loader.load_state_dict(s)
+        self.epoch, self.samples = state["epoch"], state["samples"]
+        self._restored = True
 
 
 class _Limited:
@@ -221,7 +280,7 @@ class PretrainDataModule(L.LightningDataModule):
         from litdata.streaming.item_loader import TokensLoader
 
         block = self.seq_len + 1
-        streams, weights = [], []
+        streams, ids, weights = [], [], []
         for i, (name, directory) in enumerate(self.sources.items()):
             if _blocks(directory / split, block) < 1:
                 if split == "train":  # _validate guarantees this does not happen
@@ -232,40 +291,33 @@ class PretrainDataModule(L.LightningDataModule):
                 str(directory / split), item_loader=TokensLoader(block_size=block), shuffle=shuffle,
                 seed=self.seed, transform=_Tag(i),
             ))
+            ids.append(i)
             weights.append(self.weights[name])
         if not streams:
             return None
+        if split == "train":
+            return streams, ids, weights  # mixed in _Mixture (exact resume with any worker count)
         if len(streams) == 1:
             return streams[0]
-        if split == "train":
-            # Weighted sampling; the epoch ends when the first source runs out.
-            return CombinedStreamingDataset(streams, seed=self.seed, weights=weights, iterate_over_all=False)
         return CombinedStreamingDataset(streams, seed=self.seed, iterate_over_all=True)
 
     # ---- loaders
-
-    def _expected_batches(self, dataset) -> int | None:
-        """Batches per epoch of a weighted mixture: until the first source is expected to run out."""
-        from litdata import CombinedStreamingDataset
-
-        if not isinstance(dataset, CombinedStreamingDataset):
-            return None
-        workers = max(self.num_workers, 1)
-        lens = [d.get_len(self.num_workers, self.micro_batch_size) for d in dataset._datasets]
-        weights = dataset._weights
-        samples = min(n / w for n, w in zip(lens, weights) if w > 0)
-        # Each worker draws from its own share of every source.
-        return max(1, int(samples) // (self.micro_batch_size * workers) * workers)
 
     def train_dataloader(self):
         if self._train is None:
             self.setup("fit")
         loader_cls = _loader_class()
-        self._train_loader = loader_cls(
-            self._train, batch_size=self.micro_batch_size, num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), drop_last=True,
-            expected_len=self._expected_batches(self._train),
-        )
+        streams, ids, weights = self._train
+        pin = torch.cuda.is_available()
+        if len(streams) == 1:
+            self._train_loader = loader_cls(streams[0], batch_size=self.micro_batch_size, num_workers=self.num_workers,
+                                            pin_memory=pin, drop_last=True)
+        else:
+            # Workers shared out by weight: a 5% source needs few, but each needs one to overlap I/O.
+            total = sum(weights)
+            workers = [max(1, round(self.num_workers * w / total)) if self.num_workers else 0 for w in weights]
+            loaders = [loader_cls(s, batch_size=1, num_workers=n, pin_memory=pin) for s, n in zip(streams, workers)]
+            self._train_loader = _Mixture(loaders, ids, weights, self.micro_batch_size, self.seed)
         if self._pending_state:
             self._train_loader.load_state_dict(self._pending_state)
             self._pending_state = None
