@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("danube.plot:plot_main", "plot a run's train/val loss, LR and sequence length against tokens (Figure 1)"),
     "train-tokenizer": ("danube.data.tokenizer:train_tokenizer_main", "train a byte-fallback BPE SentencePiece tokenizer"),
     "chat": ("danube.eval.console:chat_main", "chat with a model in the terminal (danube or Hugging Face directory)"),
+    "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
 }
 
 
