@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from tests.conftest import CONF
 
 # conf/debug/fast.yaml: a model and recipe small enough that a two-stage run takes
-# seconds on 2 cores (s64: 40,960 tokens, then s128: 24,576; 4,096 tokens per step).
+# seconds on 2 cores (seq64: 40,960 tokens, then seq128: 24,576; 4,096 tokens per step).
 SMALL = ["debug=fast", "train.checkpoint_every_n_steps=4", "data.num_workers=0"]
 
 

@@ -33,16 +33,16 @@ def two_stage_run(tmp_path_factory, data_root):
 def test_two_stages_run_back_to_back(two_stage_run):
     run_dir = two_stage_run.run_dir
     assert two_stage_run.tokens_seen == 40960 + 24576
-    for stage in ("s64", "s128"):
+    for stage in ("seq64", "seq128"):
         assert (run_dir / stage / "final.ckpt").is_file()
-    stage2 = torch.load(run_dir / "s128" / "final.ckpt", map_location="cpu", weights_only=False)
+    stage2 = torch.load(run_dir / "seq128" / "final.ckpt", map_location="cpu", weights_only=False)
     assert stage2["danube"]["tokens_seen"] == 65536 and stage2["danube"]["seq_len"] == 128
     scalars = read_scalars(run_dir)
     seq = dict(scalars["train/seq_len"])
     assert {v for t, v in seq.items() if t <= 40960} == {64.0} and {v for t, v in seq.items() if t > 40960} == {128.0}
     # the second stage continued the schedule where the first left it
     for tokens, value in scalars["train/lr"]:
-        assert value == pytest.approx(lr_at(tokens, lr=3e-3, min_lr=3e-4, warmup_tokens=8192, total_tokens=65536))
+        assert value == pytest.approx(lr_at(tokens, lr=1e-2, min_lr=1e-3, warmup_tokens=8192, total_tokens=65536))
 
 
 def test_training_lowers_validation_loss(two_stage_run):
@@ -71,7 +71,7 @@ def test_logs_have_the_report_curves_and_throughput(two_stage_run, tmp_path):
 
 
 def test_rerunning_a_finished_run_changes_nothing(two_stage_run, data_root):
-    final = two_stage_run.run_dir / "s128" / "final.ckpt"
+    final = two_stage_run.run_dir / "seq128" / "final.ckpt"
     before = final.stat().st_mtime_ns
     cfg = compose_train([*SMALL, f"paths.data_dir={data_root}", f"run_dir={two_stage_run.run_dir}"])
     assert run(cfg).tokens_seen == 65536
@@ -85,8 +85,8 @@ def test_resume_never_refuses_a_run_with_checkpoints(two_stage_run, data_root):
 
 
 def test_later_stage_needs_the_earlier_one(small_run):
-    cfg = compose_train([*small_run, "stage=s128"])
-    with pytest.raises(FileNotFoundError, match="run stage=s64 first"):
+    cfg = compose_train([*small_run, "stage=seq128"])
+    with pytest.raises(FileNotFoundError, match="run stage=seq64 first"):
         run(cfg)
 
 
@@ -121,14 +121,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_root):
 
     killed = [*base, f"run_dir={tmp_path}/killed"]
     proc = subprocess.Popen(killed, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "killed" / "s64" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "killed" / "seq64" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "s64" / "final.ckpt").exists()
+    assert not (tmp_path / "killed" / "seq64" / "final.ckpt").exists()
     subprocess.run(killed, cwd=REPO, check=True, env=env, capture_output=True)
 
     (t1, train_a), (v1, val_a) = _final_losses(tmp_path / "straight")
