@@ -38,6 +38,8 @@ def add_lora(model: Danube, r: int = 4, alpha: int = 16, dropout: float = 0.05,
     config = peft.LoraConfig(r=int(r), lora_alpha=int(alpha), lora_dropout=float(dropout), target_modules=targets,
                              bias="none", base_model_name_or_path=None if base_model is None else str(base_model))
     wrapped = peft.get_peft_model(model, config)
+    # get_peft_model fills this from the model's `name_or_path`, which a Danube has not.
+    wrapped.peft_config["default"].base_model_name_or_path = None if base_model is None else str(base_model)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in wrapped.parameters())
     log.info("LoRA r=%d alpha=%d dropout=%.2f on %s: %s trainable of %s parameters", r, alpha, dropout,

@@ -136,7 +136,7 @@ class FinetuneData(L.LightningDataModule):
     def train_dataloader(self):
         from danube.data.sft import StepBatches
 
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         dataset = StepBatches(self.items, self.plan, rank, self.collate_fn)
         return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
