@@ -1,0 +1,222 @@
+import itertools
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from danube.data.prepare import prepare, read_manifest
+from danube.data.pretrain import PretrainDataModule
+from danube.data.tokenizer import Tokenizer
+from tests.data.conftest import make_docs, read_stream, write_jsonl
+
+SEQ = 16
+
+
+def _streams(two_sources):
+    return {name: read_stream(d / "train").astype(np.uint16).tobytes() for name, d in two_sources.items()}
+
+
+def _found_in(block: torch.Tensor, stream: bytes) -> bool:
+    needle = block.numpy().astype(np.uint16).tobytes()
+    pos = stream.find(needle)
+    while pos >= 0 and pos % 2:
+        pos = stream.find(needle, pos + 1)
+    return pos >= 0
+
+
+def test_batches_are_blocks_of_their_labelled_source(two_sources):
+    dm = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert dm.source_names == ["a", "b"] and dm.tokens_per_batch == 4 * SEQ
+    streams = _streams(two_sources)
+    for batch in itertools.islice(dm.train_dataloader(), 20):
+        assert batch["tokens"].shape == (4, SEQ + 1) and batch["tokens"].dtype == torch.long
+        assert batch["source"].shape == (4,) and batch["source"].dtype == torch.long
+        for block, src in zip(batch["tokens"], batch["source"]):
+            name = dm.source_names[src]
+            assert _found_in(block, streams[name]), f"block labelled {name} is not from {name}"
+
+
+def _all_blocks(split_dir, block):
+    """Every block litdata can read from a split, as a multiset (blocks never span chunks)."""
+    stream = read_stream(split_dir)
+    chunks = json.loads((split_dir / "index.json").read_text())["chunks"]
+    blocks, start = Counter(), 0
+    for c in chunks:
+        dim = int(c["dim"])
+        for j in range(dim // block):
+            blocks[tuple(stream[start + j * block : start + (j + 1) * block].tolist())] += 1
+        start += dim
+    return blocks
+
+
+def test_single_epoch_reads_every_block_once(two_sources):
+    dm = PretrainDataModule(str(two_sources["a"]), seq_len=SEQ, micro_batch_size=1, num_workers=0)
+    seen = Counter(tuple(b["tokens"][0].tolist()) for b in dm.train_dataloader())
+    assert seen == _all_blocks(two_sources["a"] / "train", SEQ + 1)
+    assert dm.source_names == ["a"]
+
+
+def test_mixture_weights_are_honoured(two_sources):
+    dm = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=4, num_workers=0, weights={"a": 3, "b": 1})
+    dm.setup("fit")
+    assert dm.weights == {"a": 0.75, "b": 0.25}
+    sources = torch.cat([b["source"] for b in itertools.islice(dm.train_dataloader(), 300)])
+    assert len(sources) == 1200
+    assert abs((sources == 0).float().mean().item() - 0.75) < 0.04
+
+
+def test_default_weights_follow_manifest_tokens(two_sources):
+    dm = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=2, num_workers=0)
+    dm.setup("fit")
+    tokens = {n: read_manifest(d)["totals"]["train"]["tokens"] for n, d in two_sources.items()}
+    assert dm.weights == pytest.approx({n: t / sum(tokens.values()) for n, t in tokens.items()})
+
+
+def _take(loader, n):
+    return [dict(b) for b in itertools.islice(loader, n)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+@pytest.mark.parametrize("mixture", [True, False])
+def test_resume_continues_at_the_exact_next_batch(two_sources, num_workers, mixture):
+    sources = two_sources if mixture else {"a": two_sources["a"]}
+    kwargs = dict(seq_len=SEQ, micro_batch_size=3, num_workers=num_workers, seed=7)
+    full = _take(PretrainDataModule(sources, **kwargs).train_dataloader(), 12)
+
+    first = PretrainDataModule(sources, **kwargs)
+    loader = first.train_dataloader()
+    head = _take(loader, 5)
+    state = first.state_dict()
+    del loader
+
+    second = PretrainDataModule(sources, **kwargs)
+    second.load_state_dict(state)
+    tail = _take(second.train_dataloader(), 7)
+    for got, want in zip(head + tail, full):
+        assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["source"], want["source"])
+
+
+def test_val_loader_is_fixed_and_bounded(two_sources):
+    dm = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=2, num_workers=0, val_batches=5)
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    first, again = list(loader), list(loader)
+    assert len(first) == 5 == len(loader)
+    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(first, again))
+    val = {n: read_stream(d / "val").astype(np.uint16).tobytes() for n, d in two_sources.items()}
+    for batch in first:
+        for block, src in zip(batch["tokens"], batch["source"]):
+            assert _found_in(block, val[dm.source_names[src]])
+    unbounded = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=2, num_workers=0, val_batches=None)
+    assert len(list(unbounded.val_dataloader())) > 5
+
+
+def test_setup_errors_name_the_directory(two_sources, tmp_path, sp_model):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        PretrainDataModule({"x": str(tmp_path / "nowhere")}, seq_len=SEQ, micro_batch_size=1).setup("fit")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"plain is not a prepared dataset"):
+        PretrainDataModule(str(tmp_path / "plain"), seq_len=SEQ, micro_batch_size=1).setup("fit")
+    with pytest.raises(ValueError, match=rf"'a' \({two_sources['a']}\): fewer than 100001 training tokens"):
+        PretrainDataModule(two_sources, seq_len=100_000, micro_batch_size=1).setup("fit")
+    with pytest.raises(ValueError, match="missing: \\['b'\\]"):
+        PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=1, weights={"a": 1.0})
+    other = "0" * 64
+    with pytest.raises(ValueError, match=other):
+        PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=1, tokenizer_checksum=other).setup("fit")
+    good = Tokenizer(sp_model).checksum
+    PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=1, tokenizer_checksum=good).setup("fit")
+
+
+def test_list_sources_get_names_and_empty_val_is_skipped(two_sources, tmp_path, sp_model):
+    src = write_jsonl(tmp_path / "in.jsonl", make_docs(50))
+    prepare([src], tmp_path / "a", sp_model, val_fraction=0.0, num_workers=1)
+    dm = PretrainDataModule([str(two_sources["a"]), str(tmp_path / "a")], seq_len=SEQ, micro_batch_size=2,
+                            num_workers=0)
+    dm.setup("fit")
+    assert dm.source_names == ["a", "a_1"]
+    # only the first source has a val split: every val block comes from it
+    assert {int(s) for b in dm.val_dataloader() for s in b["source"]} == {0}
+
+
+def _ddp_worker(rank, directory, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=2)
+    try:
+        dm = PretrainDataModule(directory, seq_len=SEQ, micro_batch_size=2, num_workers=0, seed=3)
+        dm.setup("fit")
+        blocks = torch.cat([b["tokens"] for b in dm.train_dataloader()])
+        torch.save(blocks, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_see_disjoint_equal_shares(two_sources, tmp_path):
+    """Two real gloo ranks: litdata must split the blocks between them (no duplicate work)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(str(two_sources["a"]), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(r0) == len(r1) > 0  # drop_last under DDP: the same number of batches on each rank
+    seen = Counter(tuple(b.tolist()) for b in torch.cat([r0, r1]))
+    everything = _all_blocks(two_sources["a"] / "train", SEQ + 1)
+    assert not seen - everything  # no block read twice (by both ranks) or invented
+    # litdata gives each rank an equal share: at most a few blocks per rank are dropped
+    assert sum(everything.values()) - sum(seen.values()) <= 2 * 2 * 2
+
+
+class _Recorder:
+    """A LightningModule that only records the batches it is given (built lazily: lightning import)."""
+
+    @staticmethod
+    def make():
+        import lightning as L
+
+        class Recorder(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+                self.seen = []
+
+            def training_step(self, batch, batch_idx):
+                self.seen.append((batch["tokens"].clone(), batch["source"].clone()))
+                return self.w.sum() * batch["tokens"].float().mean()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        return Recorder()
+
+
+def _fit(dm, tmp_path, ckpt_path=None):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = _Recorder.make()
+    trainer = L.Trainer(
+        max_steps=8, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)],
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module.seen
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("mixture", [True, False])
+def test_lightning_resume_from_checkpoint_continues_at_the_next_batch(two_sources, tmp_path, num_workers, mixture):
+    sources = two_sources if mixture else {"a": two_sources["a"]}
+    kwargs = dict(seq_len=SEQ, micro_batch_size=3, num_workers=num_workers, seed=11)
+    full = _fit(PretrainDataModule(sources, **kwargs), tmp_path / "full")
+    assert len(full) == 8
+    ckpt = tmp_path / "full" / "epoch=0-step=4.ckpt"
+    assert ckpt.is_file()
+    resumed = _fit(PretrainDataModule(sources, **kwargs), tmp_path / "resumed", ckpt_path=ckpt)
+    assert len(resumed) == 4
+    for (tokens, source), (want_tokens, want_source) in zip(resumed, full[4:]):
+        assert torch.equal(tokens, want_tokens) and torch.equal(source, want_source)

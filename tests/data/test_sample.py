@@ -1,0 +1,52 @@
+import time
+
+import pytest
+import torch
+
+from danube.data.prepare import read_manifest
+from danube.data.pretrain import PretrainDataModule
+from danube.data.sample import ensure_sample_data, sample_documents
+from danube.data.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    return root, *ensure_sample_data(root)
+
+
+def test_sample_data_is_a_million_tokens_of_real_text(sample):
+    root, tok_path, shards = sample
+    tok = Tokenizer(tok_path)
+    m = read_manifest(shards)
+    assert tok.vocab_size == 4096 and m["tokenizer"]["checksum"] == tok.checksum
+    assert m["totals"]["train"]["tokens"] >= 1_000_000
+    assert m["totals"]["val"]["tokens"] >= 10_000  # enough for a val loss at seq_len 2048
+    dm = PretrainDataModule(str(shards), seq_len=128, micro_batch_size=2, num_workers=0,
+                            tokenizer_checksum=tok.checksum)
+    batch = next(iter(dm.train_dataloader()))
+    text = tok.decode(batch["tokens"][0].tolist())
+    assert len(text.split()) > 10  # words, not byte soup
+
+
+def test_second_call_reuses_what_exists(sample):
+    root, tok_path, shards = sample
+    stamp = (shards / "train" / "index.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert ensure_sample_data(root) == (tok_path, shards)
+    assert time.perf_counter() - t0 < 1.0
+    assert (shards / "train" / "index.json").stat().st_mtime_ns == stamp
+
+
+def test_sample_corpus_is_deterministic():
+    assert sample_documents() == sample_documents()
+
+
+def test_rebuilds_when_the_tokenizer_no_longer_matches(tmp_path, sp_model):
+    tok_path, shards = ensure_sample_data(tmp_path, vocab_size=1024)
+    stamp = (shards / "train" / "index.json").stat().st_mtime_ns
+    tok_path.write_bytes(sp_model.read_bytes())  # someone swapped the tokenizer: the shards no longer match it
+    assert ensure_sample_data(tmp_path, vocab_size=1024) == (tok_path, shards)
+    tok = Tokenizer(tok_path)
+    assert tok.vocab_size == 1024 and read_manifest(shards)["tokenizer"]["checksum"] == tok.checksum
+    assert (shards / "train" / "index.json").stat().st_mtime_ns != stamp
