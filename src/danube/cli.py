@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("danube.hf:export_hf_main", "convert a danube model directory to a Hugging Face directory"),
     "plot": ("danube.plot:plot_main", "plot a run's train/val loss, LR and sequence length against tokens (Figure 1)"),
     "train-tokenizer": ("danube.data.tokenizer:train_tokenizer_main", "train a byte-fallback BPE SentencePiece tokenizer"),
+    "oasst2-pairs": ("danube.data.oasst2:oasst2_pairs_main", "Oasst2 message rows -> DPO pairs (chosen rank 0, rejected highest rank)"),
+    "merge-lora": ("danube.lora:merge_lora_main", "merge a LoRA adapter into its base model: a plain danube model directory"),
     "chat": ("danube.eval.console:chat_main", "chat with a model in the terminal (danube or Hugging Face directory)"),
     "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
 }

@@ -1,0 +1,299 @@
+"""Supervised fine-tuning data: conversations in the common shapes, tokenized with loss masks.
+
+Every reader turns one record into OpenAI-style ``messages`` ([{role, content}], roles
+system | user | assistant). Shapes (``format`` of a ``chat_data`` source):
+
+=============  ==============================================================
+``messages``   ``{"messages": [{role, content}, ...]}`` (OpenAI, UltraChat 200k)
+``ultrachat``  same as ``messages`` (UltraChat 200k's ``prompt`` is ignored)
+``sharegpt``   ``{"conversations": [{from: system|human|gpt, value}, ...]}``
+``openorca``   ``{system_prompt, question, response}``
+``metamath``   ``{query, response}`` (MetaMathQA)
+``oasst2``     Oasst2 message rows: one conversation per tree along the best ranks
+=============  ==============================================================
+
+Labels are the input ids on assistant tokens (each reply and its EOS) and -100 elsewhere;
+the model predicts ``ids[t]`` from position ``t - 1`` (the shift happens in the loss).
+
+Overlong samples (more than ``max_seq_len`` ids): ``truncation: truncate`` keeps the
+first ``max_seq_len`` ids (later turns are lost), ``drop`` leaves the sample out; a sample
+with no trained token left is always dropped. Both are counted in the log.
+
+Packing concatenates samples into rows of ``max_seq_len``; ``segment_ids`` keep each
+sample's attention to itself, ``position_ids`` restart at 0 for each sample, and the
+first label of each sample is -100 so no sample is trained to predict another's start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from danube.data.chat import ChatTokenizer, check_messages, encode_conversation
+from danube.data.records import RecordError, read_jsonl, require, text_field
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TRUNCATION = ("truncate", "drop")
+
+
+# -- readers: one record -> messages ---------------------------------------------------------
+def _messages(record: dict, where: str, key: str = "messages") -> list[dict[str, str]]:
+    require(record, (key,), where, "conversation")
+    msgs = record[key]
+    if not isinstance(msgs, list):
+        raise RecordError(f"{where}: {key!r} must be a list of messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RecordError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _sharegpt(record: dict, where: str) -> list[dict[str, str]]:
+    require(record, ("conversations",), where, "ShareGPT")
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise RecordError(f"{where}: 'conversations' must be a list")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or "value" not in t:
+            raise RecordError(f"{where}: conversations[{i}] needs 'from' in {sorted(SHAREGPT_ROLES)} and 'value'")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return out
+
+
+def _openorca(record: dict, where: str) -> list[dict[str, str]]:
+    require(record, ("question", "response"), where, "OpenOrca")
+    system = record.get("system_prompt") or ""
+    msgs = [{"role": "system", "content": system}] if system.strip() else []
+    return msgs + [
+        {"role": "user", "content": text_field(record, "question", where)},
+        {"role": "assistant", "content": text_field(record, "response", where)},
+    ]
+
+
+def _metamath(record: dict, where: str) -> list[dict[str, str]]:
+    require(record, ("query", "response"), where, "MetaMathQA")
+    return [
+        {"role": "user", "content": text_field(record, "query", where)},
+        {"role": "assistant", "content": text_field(record, "response", where)},
+    ]
+
+
+RECORD_READERS: dict[str, Callable[[dict, str], list[dict[str, str]]]] = {
+    "messages": _messages,
+    "ultrachat": _messages,
+    "sharegpt": _sharegpt,
+    "openorca": _openorca,
+    "metamath": _metamath,
+}
+FORMATS = (*RECORD_READERS, "oasst2")
+
+
+def read_conversations(path: str | Path, format: str, lang: str | None = None) -> list[list[dict[str, str]]]:
+    """Every conversation of one file; a malformed record raises naming ``path:line``."""
+    if format not in FORMATS:
+        raise ValueError(f"chat data format {format!r} ({path}); allowed: {', '.join(FORMATS)}")
+    if format == "oasst2":
+        from danube.data.oasst2 import best_path_conversations, read_messages
+
+        convs, skipped = best_path_conversations(read_messages(path), lang=lang)
+        if skipped:
+            log.info("%s: Oasst2 trees skipped: %s", path, dict(skipped))
+        return convs
+    reader = RECORD_READERS[format]
+    out = []
+    for lineno, record in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        msgs = reader(record, where)
+        try:
+            check_messages(msgs, ends_with="assistant")
+        except ValueError as err:
+            raise RecordError(f"{where}: {err}") from err
+        out.append(msgs)
+    return out
+
+
+# -- tokenization -----------------------------------------------------------------------------
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(1 for x in self.labels[1:] if x != IGNORE)  # labels[0] is never predicted
+
+
+def tokenize_conversation(tok: ChatTokenizer, messages: Sequence[dict[str, str]]) -> Sample:
+    ids, trained = encode_conversation(tok, messages)
+    return Sample(ids, [i if t else IGNORE for i, t in zip(ids, trained)])
+
+
+def tokenize_conversations(
+    tok: ChatTokenizer, conversations: Iterable[Sequence[dict[str, str]]], max_seq_len: int, truncation: str = "truncate",
+    source: str = "",
+) -> tuple[list[Sample], Counter]:
+    """Tokenize, then apply the truncation policy; returns the samples and what happened to the rest."""
+    if truncation not in TRUNCATION:
+        raise ValueError(f"train.truncation={truncation!r}; allowed: {', '.join(TRUNCATION)}")
+    samples, counts = [], Counter()
+    for msgs in conversations:
+        s = tokenize_conversation(tok, msgs)
+        counts["samples"] += 1
+        if len(s.input_ids) > max_seq_len:
+            if truncation == "drop":
+                counts["dropped (too long)"] += 1
+                continue
+            s = Sample(s.input_ids[:max_seq_len], s.labels[:max_seq_len])
+            counts["truncated"] += 1
+        if s.loss_tokens == 0:
+            counts["dropped (no answer token left)"] += 1
+            continue
+        samples.append(s)
+    log.info("%s%d conversations -> %d samples (max_seq_len %d, truncation=%s: %s)", f"{source}: " if source else "",
+             counts["samples"], len(samples), max_seq_len, truncation,
+             ", ".join(f"{n} {k}" for k, n in counts.items() if k != "samples") or "none affected")
+    return samples, counts
+
+
+# -- packing ----------------------------------------------------------------------------------
+@dataclass
+class Packed:
+    """Several samples in one row: ``segment_ids`` number them, ``position_ids`` restart at 0."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    segment_ids: list[int]
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def pack_samples(samples: Sequence[Sample], seq_len: int) -> list[Packed]:
+    """Greedy packing in order: a row is closed when the next sample does not fit."""
+    rows: list[Packed] = []
+    cur = Packed([], [], [], [])
+    for s in samples:
+        if len(s.input_ids) > seq_len:
+            raise ValueError(f"a sample of {len(s.input_ids)} tokens does not fit in a packed row of {seq_len}")
+        if cur.input_ids and len(cur.input_ids) + len(s.input_ids) > seq_len:
+            rows.append(cur)
+            cur = Packed([], [], [], [])
+        seg = cur.segment_ids[-1] + 1 if cur.segment_ids else 0
+        cur.input_ids += s.input_ids
+        cur.labels += [IGNORE] + s.labels[1:]  # never predict a sample's first token from the previous one
+        cur.position_ids += list(range(len(s.input_ids)))
+        cur.segment_ids += [seg] * len(s.input_ids)
+    if cur.input_ids:
+        rows.append(cur)
+    return rows
+
+
+def collate(items: Sequence[Sample | Packed], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row (labels -100 there).
+
+    Unpacked rows need no mask beyond the causal one: right padding is never attended
+    by real tokens. Packed rows carry ``position_ids`` and ``segment_ids`` (padding has
+    segment -1, a segment of its own).
+    """
+    width = max(len(x.input_ids) for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for r, x in enumerate(items):
+        ids[r, : len(x.input_ids)] = torch.tensor(x.input_ids)
+        labels[r, : len(x.labels)] = torch.tensor(x.labels)
+    batch = {"input_ids": ids, "labels": labels}
+    if any(isinstance(x, Packed) for x in items):
+        pos = torch.arange(width).repeat(len(items), 1)
+        seg = torch.full((len(items), width), -1, dtype=torch.long)
+        for r, x in enumerate(items):
+            n = len(x.input_ids)
+            pos[r, :n] = torch.tensor(x.position_ids)
+            seg[r, :n] = torch.tensor(x.segment_ids)
+        batch.update(position_ids=pos, segment_ids=seg)
+    return batch
+
+
+# -- optimizer steps --------------------------------------------------------------------------
+def step_plan(n_items: int, micro_batch_size: int, accumulate: int, world_size: int, epochs: int, seed: int,
+              shuffle: bool = True) -> list[list[list[list[int]]]]:
+    """Item indices as steps -> ranks -> micro-batches -> items, the same on every rank.
+
+    Every optimizer step holds ``accumulate`` micro-batches per rank (the last step may
+    hold fewer, equally on every rank). Items that cannot give every rank a micro-batch
+    at the very end are left out (counted in the log).
+    """
+    order: list[int] = []
+    for epoch in range(epochs):
+        perm = list(range(n_items))
+        if shuffle:
+            random.Random(seed + epoch).shuffle(perm)
+        order += perm
+    # Epochs run back to back in one stream, so every step but the very last is full:
+    # Lightning's accumulation boundaries (every `accumulate` micro-batches) then match.
+    micro = [order[i: i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    usable = len(micro) // world_size * world_size
+    left_out = sum(len(m) for m in micro[usable:])
+    micro = micro[:usable]
+    per_step = accumulate * world_size
+    steps = []
+    for s in range(0, len(micro), per_step):
+        chunk = micro[s: s + per_step]
+        steps.append([chunk[r::world_size] for r in range(world_size)])
+    if left_out:
+        log.info("%d samples left out at the end (too few to give each of %d ranks a micro-batch)", left_out, world_size)
+    return steps
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """This rank's micro-batches, in order, each carrying its optimizer step's loss-token count.
+
+    ``step_loss_tokens`` counts the trained tokens of every micro-batch of the step on
+    every rank, so each micro-batch can divide its summed token loss by the count of the
+    whole optimizer step: accumulated gradients then equal one big batch's gradient.
+    """
+
+    def __init__(self, items: Sequence[Any], plan: list[list[list[list[int]]]], rank: int,
+                 collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
+                 count: Callable[[Any], int] = lambda x: x.loss_tokens) -> None:
+        self.items, self.collate_fn = items, collate_fn
+        self.batches: list[tuple[list[int], int, int]] = []  # (indices, step loss tokens, micro-batches in step)
+        for step in plan:
+            total = sum(count(items[i]) for ranks in step for micro in ranks for i in micro)
+            for micro in step[rank]:
+                self.batches.append((micro, total, len(step[rank])))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        indices, total, n_micro = self.batches[i]
+        batch = self.collate_fn([self.items[j] for j in indices])
+        batch["step_loss_tokens"] = torch.tensor(total)
+        batch["step_micro_batches"] = torch.tensor(n_micro)
+        return batch
+
+
+def micro_batches_per_step(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Gradient accumulation giving ``batch_size`` samples per optimizer step over all ranks."""
+    per_pass = micro_batch_size * world_size
+    if batch_size % per_pass:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not a multiple of train.micro_batch_size={micro_batch_size} x "
+            f"{world_size} device(s)"
+        )
+    return max(1, math.ceil(batch_size / per_pass))

@@ -1,0 +1,86 @@
+"""Supervised fine-tuning as a LightningModule: every parameter, loss on assistant tokens only.
+
+Loss normalisation: each micro-batch carries ``step_loss_tokens``, the trained tokens of
+its whole optimizer step on all ranks (see :class:`danube.data.sft.StepBatches`). A
+micro-batch contributes ``sum of its token losses / step_loss_tokens``, so the
+accumulated gradient is that of one big batch's per-token mean, however the tokens fall
+into micro-batches. Lightning divides each micro-batch's loss by the accumulation count
+and DDP averages over ranks, so the returned loss is multiplied back by both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+import torch
+
+from danube.losses import token_loss_sum
+
+log = logging.getLogger(__name__)
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class FinetuneModule(L.LightningModule):
+    """What SFT and DPO share: AdamW over trainable parameters, cosine LR with warm-up by step.
+
+    Args:
+        model: the model to train (not saved into hparams).
+        optim: lr, min_lr_ratio, warmup_ratio, betas, eps, weight_decay.
+        total_steps: optimizer steps of the run (the cosine ends there).
+    """
+
+    def __init__(self, model: torch.nn.Module, optim: dict, total_steps: int) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": float(o.get("weight_decay", 0.0))}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=float(o["lr"]), betas=tuple(o.get("betas", (0.9, 0.999))),
+                                eps=float(o.get("eps", 1e-8)))
+        total = int(self.hparams.total_steps)
+        warmup = int(round(float(o.get("warmup_ratio", 0.0)) * total))
+        min_ratio = float(o.get("min_lr_ratio", 0.0))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup, min_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def loss_scale(self) -> float:
+        """Undo Lightning's division by the accumulation count and DDP's mean over ranks."""
+        if self._trainer is None:
+            return 1.0
+        return float(self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+
+class SFTModule(FinetuneModule):
+    """Next-token loss on assistant tokens, summed and divided by the optimizer step's token count."""
+
+    def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(this micro-batch's share of the step loss, its summed token loss, its loss-token count)."""
+        logits = self.model(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
+        loss_sum, count = token_loss_sum(logits, batch["labels"])
+        step_tokens = batch["step_loss_tokens"].to(loss_sum.device).clamp(min=1)
+        return loss_sum / step_tokens, loss_sum.detach(), count
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        share, loss_sum, count = self.micro_batch_loss(batch)
+        self.log("train/loss", loss_sum / count.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/answer_tokens", count.float(), on_step=True, on_epoch=False, reduce_fx="sum")
+        return share * self.loss_scale()

@@ -1,0 +1,161 @@
+"""finetune.run on the tiny model: SFT lowers the answer loss, DPO separates clear pairs, the chain runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from danube.data.preference import collate_pairs, read_pairs, tokenize_pairs
+from danube.data.sft import collate, read_conversations, tokenize_conversation
+from danube.data.tokenizer import Tokenizer
+from danube.losses import sequence_logps, token_loss_sum
+from danube.model.io import load_model_dir
+from danube.tasks.finetune import run
+from tests.chat.conftest import compose_finetune
+from tests.conftest import REPO
+
+CPU = ["trainer=cpu", "precision=fp32", "export_hf=false", "train.max_seq_len=256", "train.log_every_n_steps=1"]
+
+
+def answer_loss(model_dir, convs, tok) -> float:
+    model = load_model_dir(model_dir).eval()
+    batch = collate([tokenize_conversation(tok, c) for c in convs], tok.pad_id)
+    with torch.no_grad():
+        total, count = token_loss_sum(model(batch["input_ids"]), batch["labels"])
+    return (total / count).item()
+
+
+def test_sft_lowers_the_answer_loss(tiny_model_dir, chat_files, tmp_path):
+    cfg = compose_finetune(CPU + [
+        f"model_dir={tiny_model_dir}", "chat_data=messages", f"chat_data.sources.messages.path={chat_files['messages']}",
+        f"run_dir={tmp_path / 'sft'}", "train.batch_size=4", "train.micro_batch_size=2", "train.epochs=3",
+        "optim.lr=3e-3", "train.packing=true",
+    ])
+    result = run(cfg)
+    tok = Tokenizer(tiny_model_dir)
+    convs = read_conversations(chat_files["messages"], "messages")
+    before, after = answer_loss(tiny_model_dir, convs, tok), answer_loss(result.model_dir, convs, tok)
+    assert after < before - 1.0, (before, after)
+    assert result.data_counts["samples"] == 30
+    assert (result.run_dir / "config.yaml").is_file() and "train/loss" in result.metrics
+
+
+def pair_accuracy(policy_dir, reference_dir, pairs_file, tok) -> float:
+    items, _ = tokenize_pairs(tok, read_pairs(pairs_file, "distilabel_math"), 256)
+    batch = collate_pairs(items, tok.pad_id)
+    with torch.no_grad():
+        pol = sequence_logps(load_model_dir(policy_dir)(batch["input_ids"]), batch["labels"])
+        ref = sequence_logps(load_model_dir(reference_dir)(batch["input_ids"]), batch["labels"])
+    n = len(items)
+    return ((pol[:n] - ref[:n]) > (pol[n:] - ref[n:])).float().mean().item()
+
+
+def test_dpo_separates_clear_pairs_within_a_few_steps(tiny_model_dir, chat_files, tmp_path):
+    cfg = compose_finetune(CPU + [
+        "loss=dpo", f"model_dir={tiny_model_dir}", "chat_data=pref_distilabel_math",
+        f"chat_data.sources.distilabel_math.path={chat_files['distilabel_math']}", f"run_dir={tmp_path / 'dpo'}",
+        "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=6", "optim.lr=2e-2",
+    ])
+    result = run(cfg)
+    logged = json.loads((result.run_dir / "metrics.json").read_text())["metrics"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"):
+        assert key in logged
+    tok = Tokenizer(tiny_model_dir)
+    assert pair_accuracy(result.model_dir, tiny_model_dir, chat_files["distilabel_math"], tok) > 0.5
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+
+
+def test_config_errors_come_before_any_work(tiny_model_dir, chat_files, tmp_path):
+    base = CPU + [f"model_dir={tiny_model_dir}", f"run_dir={tmp_path / 'x'}"]
+    with pytest.raises(ValueError, match="no chat_data chosen"):
+        run(compose_finetune(base))
+    with pytest.raises(ValueError, match="format='metamath' is not dpo data"):
+        run(compose_finetune(base + ["loss=dpo", "chat_data=metamathqa",
+                                     f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
+    with pytest.raises(FileNotFoundError, match="chat_data.sources.openorca.path=.*no such file"):
+        run(compose_finetune(base + ["chat_data=openorca"]))
+    with pytest.raises(ValueError, match="truncation='cut'"):
+        run(compose_finetune(base + ["chat_data=metamathqa", "train.truncation=cut",
+                                     f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
+    assert not (tmp_path / "x").exists()
+
+
+def test_experiments_compose_with_report_hyperparameters():
+    sft = compose_finetune(["experiment=danube_chat_sft", "model_dir=/base"])
+    assert (sft.loss.name, sft.optim.lr, sft.train.batch_size, sft.train.max_seq_len) == ("sft", 1e-5, 8, 16384)
+    assert sft.trainer.devices == 8 and sft.precision.trainer_precision == "bf16-mixed"
+    assert sorted(sft.chat_data.sources) == ["metamathqa", "oasst2", "openorca", "ultrachat"]
+    dpo1 = compose_finetune(["experiment=danube_chat_dpo1"])
+    assert (dpo1.loss.name, dpo1.loss.beta, dpo1.loss.lora.r, dpo1.loss.lora.alpha, dpo1.train.batch_size,
+            dpo1.optim.lr) == ("dpo", 0.2, 4, 16, 2, 1e-5)
+    assert dpo1.model_dir.endswith("danube_chat_sft/model")
+    dpo2 = compose_finetune(["experiment=danube_chat_dpo2"])
+    assert dpo2.optim.lr == 3e-6 and dpo2.model_dir.endswith("danube_chat_dpo1/model")
+    assert list(dpo2.chat_data.sources) == ["oasst2_pairs"]
+    assert compose_finetune(["experiment=danube_chat_sft", "trainer=cpu"]).trainer.accelerator == "cpu"
+
+
+def hf_logits_match(hf_dir, model_dir, tok):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    text = "<|prompt|>What is the file number 3?</s><|answer|>"
+    ids = hf_tok(text)["input_ids"]
+    from danube.data.chat import encode_chat_prompt
+
+    assert ids == encode_chat_prompt(tok, [{"role": "user", "content": "What is the file number 3?"}])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, load_model_dir(model_dir)(torch.tensor([ids])),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_report_chain_sft_dpo1_merge_dpo2_export(tiny_model_dir, chat_files, tmp_path):
+    """The three experiments end to end on the tiny model; every output exports to Hugging Face."""
+    from danube.cli import main
+    from danube.data.oasst2 import oasst2_pairs_main
+
+    runs = tmp_path / "runs"
+    common = CPU + [f"paths.runs_dir={runs}", "train.max_steps=3"]
+    sft = run(compose_finetune(common + [
+        "experiment=danube_chat_sft", "trainer=cpu", "precision=fp32", f"model_dir={tiny_model_dir}",
+        "train.activation_checkpointing=false", "train.max_seq_len=256",
+        f"chat_data.sources.openorca.path={chat_files['openorca']}",
+        f"chat_data.sources.metamathqa.path={chat_files['metamath']}",
+        f"chat_data.sources.ultrachat.path={chat_files['ultrachat']}",
+        f"chat_data.sources.oasst2.path={chat_files['oasst2']}",
+    ]))
+    assert sft.model_dir == runs / "danube_chat_sft" / "model" and sft.data_counts["samples"] == 120
+    dpo1 = run(compose_finetune(common + [
+        "experiment=danube_chat_dpo1", "trainer=cpu", "precision=fp32", "train.max_seq_len=256",
+        f"chat_data.sources.ultrafeedback.path={chat_files['ultrafeedback']}",
+        f"chat_data.sources.orca_dpo.path={chat_files['orca_dpo']}",
+        f"chat_data.sources.distilabel_math.path={chat_files['distilabel_math']}",
+    ]))
+    assert json.loads((dpo1.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        sft.model_dir.resolve())
+    # `danube merge-lora` gives the same model the run merged at its end.
+    assert main(["merge-lora", str(dpo1.adapter_dir), str(tmp_path / "merged")]) == 0
+    a, b = load_model_dir(dpo1.model_dir).state_dict(), load_model_dir(tmp_path / "merged").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in load_model_dir(sft.model_dir).state_dict().items())
+    pairs = tmp_path / "oasst2_pairs_en.jsonl"
+    assert oasst2_pairs_main([str(chat_files["oasst2"]), str(pairs)]) == 0
+    dpo2 = run(compose_finetune(common + [
+        "experiment=danube_chat_dpo2", "trainer=cpu", "precision=fp32", "train.max_seq_len=256",
+        f"chat_data.sources.oasst2_pairs.path={pairs}",
+    ]))
+    # DPO 2's reference (the base its adapter sits on) is the merged DPO 1 model.
+    assert json.loads((dpo2.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        dpo1.model_dir.resolve())
+    tok = Tokenizer(tiny_model_dir)
+    for i, result in enumerate((sft, dpo1, dpo2)):
+        out = tmp_path / f"hf{i}"
+        cmd = [sys.executable, "-m", "danube.cli", "export-hf", str(result.model_dir), str(out)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        hf_logits_match(out, result.model_dir, tok)
