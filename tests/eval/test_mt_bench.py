@@ -10,7 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from danube.eval.loading import TextTokenizer, load_for_eval
-from danube.eval.mt_bench import encode_chat, load_questions, render_chat_prompt
+from danube.data.chat import render_chat_prompt
+from danube.eval.mt_bench import encode_chat, load_questions
 from danube.model.generate import SamplingParams, generate
 from danube.tasks.evaluate import run
 from tests.eval.test_evaluate_task import REPO
@@ -34,7 +35,7 @@ def test_chat_template_renders_the_released_format():
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why?"}]
     assert render_chat_prompt(msgs) == "<|system|>Be brief.</s><|prompt|>Hi</s><|answer|>Hello!</s><|prompt|>Why?</s><|answer|>"
-    with pytest.raises(ValueError, match="end with a user"):
+    with pytest.raises(ValueError, match="must end with a message of role .user."):
         render_chat_prompt(msgs[:3])
 
 

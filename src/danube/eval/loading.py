@@ -19,7 +19,8 @@ class TextTokenizer:
     """The few calls evaluation needs, over SentencePiece (danube dirs) or transformers (HF dirs).
 
     ``encode(text, bos=True)`` matches what lm-eval's ``hf`` model gets from the
-    Hugging Face tokenizer: BOS first, then the text's pieces. ``decode`` drops special
+    Hugging Face tokenizer: BOS first, then the text's pieces. As with
+    :class:`danube.data.tokenizer.Tokenizer`, BOS is only added when asked for. ``decode`` drops special
     tokens, as lm-eval does.
     """
 
@@ -52,7 +53,7 @@ class TextTokenizer:
             self.vocab_size = len(self.hf)
         self.eos_text = self.decode_special([self.eos_id])
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = False) -> list[int]:
         if self.sp is not None:
             return self.sp.encode(text, bos=bos)
         return self.hf.encode(text, add_special_tokens=bos)

@@ -19,43 +19,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from danube.data.chat import encode_chat_prompt
 from danube.eval.loading import TextTokenizer
 from danube.model import Danube
 from danube.model.generate import SamplingParams, generate
 
 log = logging.getLogger(__name__)
 
-# The released H2O-Danube chat format; the markers are plain text, "</s>" is the EOS token.
-SYSTEM, PROMPT, ANSWER, END = "<|system|>", "<|prompt|>", "<|answer|>", "</s>"
-ROLE_MARKERS = {"system": SYSTEM, "user": PROMPT, "assistant": ANSWER}
-
-
-def render_chat_prompt(messages: list[dict[str, str]]) -> str:
-    """Render a conversation that ends with an open answer for the model to write.
-
-    ``<|system|>{system}</s>`` (optional, first), then ``<|prompt|>{user}</s>`` and
-    ``<|answer|>{assistant}</s>`` turns, then ``<|answer|>``.
-    """
-    parts = []
-    for i, m in enumerate(messages):
-        role = m.get("role")
-        if role not in ROLE_MARKERS:
-            raise ValueError(f"message {i}: role {role!r}; expected one of {sorted(ROLE_MARKERS)}")
-        if role == "system" and i != 0:
-            raise ValueError(f"message {i}: a system message may only come first")
-        parts.append(ROLE_MARKERS[role] + m["content"] + END)
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("the conversation must end with a user message")
-    return "".join(parts) + ANSWER
-
-
 def encode_chat(tok: TextTokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """BOS + the rendered prompt, with each ``</s>`` as the EOS id (as the HF tokenizer parses it)."""
-    pieces = render_chat_prompt(messages).split(END)
-    ids = tok.encode(pieces[0], bos=True)
-    for piece in pieces[1:]:
-        ids += [tok.eos_id] + (tok.encode(piece, bos=False) if piece else [])
-    return ids
+    """The generation prompt exactly as SFT tokenizes it (see :mod:`danube.data.chat`)."""
+    return encode_chat_prompt(tok, messages)
 
 
 def load_questions(path: str | Path, skip_categories: Iterable[str] = ("coding",)) -> list[dict[str, Any]]:
