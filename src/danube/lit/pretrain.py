@@ -90,6 +90,7 @@ class PretrainModule(L.LightningModule):
         self._source_tokens: torch.Tensor | None = None  # this interval, this rank
         self.source_tokens_total = [0] * len(source_names or [])  # all ranks, since the first stage
         self._last_log: tuple[float, int] | None = None
+        self.last_val_tokens: int | None = None  # tokens seen at the last logged validation
 
     # -- model ---------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -212,6 +213,7 @@ class PretrainModule(L.LightningModule):
         value = self.trainer.callback_metrics.get("val/loss")
         if value is not None and self.logger is not None and not self.trainer.sanity_checking:
             self.logger.log_metrics({"val/loss": float(value)}, step=self.tokens_seen)
+            self.last_val_tokens = self.tokens_seen
 
     # -- checkpoints and stages ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
