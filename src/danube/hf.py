@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from danube.model import Danube, DanubeConfig, build_model
-from danube.model.io import load_weights, replace_dir
+from danube.model.io import atomic_dir, load_weights, saved_state
 
 log = logging.getLogger(__name__)
 
@@ -139,26 +137,16 @@ def to_hf(model: Danube, path: str | Path, tokenizer: str | Path | None = None) 
     ``tokenizer`` is a SentencePiece model file; its Hugging Face files are written beside
     the weights (see :func:`danube.data.tokenizer.save_hf_tokenizer`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        dtype = next(iter(state.values())).dtype
-        if model.cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        config_to_hf(model.cfg, dtype).save_pretrained(tmp)
+    with atomic_dir(path) as tmp:
+        state = saved_state(model)
+        config_to_hf(model.cfg, next(iter(state.values())).dtype).save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             from danube.data.tokenizer import save_hf_tokenizer
 
             save_hf_tokenizer(tokenizer, tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote Hugging Face checkpoint %s", path)
-    return path
+    return Path(path)
 
 
 def import_hf_main(argv: list[str]) -> int:

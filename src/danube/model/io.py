@@ -17,7 +17,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from contextlib import contextmanager
+from typing import Iterator, Mapping
 
 import torch
 import yaml
@@ -106,24 +107,36 @@ def tokenizer_path(path: str | Path) -> Path | None:
 
 def save_model_dir(model: Danube, path: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Write ``model`` (and optionally its SentencePiece tokenizer) as a model directory, atomically."""
+    with atomic_dir(path) as tmp:
+        with open(tmp / CONFIG_FILE, "w") as f:
+            yaml.safe_dump(model.cfg.to_dict(), f, sort_keys=False)
+        save_file(saved_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    log.info("wrote model directory %s", path)
+    return Path(path)
+
+
+def saved_state(model: Danube) -> dict[str, torch.Tensor]:
+    """The state dict as files hold it: contiguous CPU tensors, no ``lm_head`` when tied."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to fill; it replaces ``path`` whole only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with open(tmp / CONFIG_FILE, "w") as f:
-            yaml.safe_dump(model.cfg.to_dict(), f, sort_keys=False)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if model.cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        yield tmp
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote model directory %s", path)
-    return path
 
 
 def replace_dir(src: Path, dst: Path) -> None:
