@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from danube.data.records import read_jsonl, text_field
+from danube.data.records import read_jsonl, require, text_field
 
 META_FILE = "quality_classifier.json"
 FORMAT = "danube-quality-classifier/1"
@@ -39,6 +39,7 @@ def read_texts(files: list[str | Path], field: str) -> list[str]:
     texts = []
     for file in files:
         for lineno, record in read_jsonl(file):
+            require(record, (field,), f"{file}:{lineno}", "document")
             texts.append(text_field(record, field, f"{file}:{lineno}"))
     return texts
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from danube.data.quality import classifier
 from danube.data.quality.heuristics import HeuristicRules, document_stats
-from danube.data.records import read_jsonl, text_field
+from danube.data.records import read_jsonl, require, text_field
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ class _Layer:
 def _records(files: list[Path], field_name: str) -> Iterator[tuple[dict, str]]:
     for file in files:
         for lineno, record in read_jsonl(file):
-            yield record, text_field(record, field_name, f"{file}:{lineno}")
+            where = f"{file}:{lineno}"
+            require(record, (field_name,), where, "document")
+            yield record, text_field(record, field_name, where)
 
 
 def _batches(it: Iterator, size: int) -> Iterator[list]:
