@@ -70,7 +70,8 @@ def word_salad(rng: random.Random, lines: list[str]) -> str:
     return " ".join(words)
 
 
-def junk_docs(n: int, seed: int, kinds: tuple[str, ...] = ("chars", "symbols", "boilerplate", "repetition")) -> list[str]:
+def junk_docs(n: int, seed: int, kinds: tuple[str, ...] = ("chars", "symbols", "boilerplate", "repetition"),
+              ) -> list[str]:
     """``n`` generated bad documents, the ``kinds`` in turn."""
     rng = random.Random(seed)
     lines = prose_lines()

@@ -157,3 +157,17 @@ def test_local_hugging_face_classifier_scores(tiny_bert):
     assert ((scores > 0) & (scores < 1)).all()
     with pytest.raises(ValueError, match="label 2 is not one of its 2 labels"):
         load_scorer(path, "transformer", hf_label=2)
+
+
+def test_filter_takes_a_hugging_face_directory_as_the_transformer(tiny_bert, tmp_path):
+    from danube.data.quality import filter_documents
+
+    path, *_ = tiny_bert
+    docs = clean_docs(6)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    report = filter_documents([src], tmp_path / "out.jsonl", rules=None, transformer=path, transformer_threshold=0.0)
+    assert report["layers"][0]["layer"] == "transformer" and report["layers"][0]["model"] == str(path)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    expected = load_scorer(path, "transformer").score(docs)
+    assert [r["quality"]["transformer"] for r in records] == pytest.approx(expected.tolist(), abs=1e-6)

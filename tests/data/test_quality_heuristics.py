@@ -37,7 +37,8 @@ MUTATIONS = {
                                          {"the", "be", "to", "of", "and", "that", "have", "with"}),
     "max_dup_line_frac": lambda d: "\n".join(d.splitlines() + ["Accept all cookies"] * 12),
     "max_dup_line_char_frac": lambda d: "\n".join(d.splitlines() + d.splitlines()[:6]),
-    "max_dup_para_frac": lambda d: "\n\n".join([d.splitlines()[0], "\n".join(d.splitlines()[1:])] + [d.splitlines()[0]] * 3),
+    # a one-line paragraph, said four times, next to the rest
+    "max_dup_para_frac": lambda d: "\n\n".join([*[d.splitlines()[0]] * 4, "\n".join(d.splitlines()[1:])]),
     "max_dup_para_char_frac": lambda d: d + "\n\n" + d,
     "max_top_2gram_frac": lambda d: d + "\n" + " ".join(["click here"] * 60),
     "max_top_3gram_frac": lambda d: d + "\n" + " ".join(["buy it now"] * 40),

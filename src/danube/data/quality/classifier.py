@@ -109,7 +109,8 @@ def write_dir(path: str | Path, meta: dict[str, Any], write_files: Callable[[Pat
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).is_file():
-        raise FileExistsError(f"{path} is a non-empty directory that is not a quality classifier; refusing to replace it")
+        raise FileExistsError(f"{path} is a non-empty directory that is not a quality classifier; "
+                              "refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

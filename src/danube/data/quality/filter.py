@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from danube.data.quality import classifier
+from danube.data.quality.gbm import GBMScorer
 from danube.data.quality.heuristics import HeuristicRules, document_stats
 from danube.data.records import read_jsonl, require, text_field
 
@@ -204,6 +205,7 @@ def filter_documents(
                 else:
                     lengths = [len(t.split()) for t in texts]
                 quality: list[dict[str, Any]] = [{} for _ in batch]
+                stats: list[dict[str, float] | None] = [None] * len(batch)  # reused as GBM features
                 alive = list(range(len(batch)))
                 for n in lengths:
                     total.add(n)
@@ -215,9 +217,10 @@ def filter_documents(
                     survivors = []
                     if layer.name == "heuristics":
                         for i in alive:
-                            stats = document_stats(texts[i])
-                            failed = rules.failures(stats)
-                            quality[i]["heuristics"] = {"failed": failed, **{k: round(v, 4) for k, v in stats.items()}}
+                            stats[i] = document_stats(texts[i])
+                            failed = rules.failures(stats[i])
+                            quality[i]["heuristics"] = {"failed": failed,
+                                                        **{k: round(v, 4) for k, v in stats[i].items()}}
                             for rule in failed:
                                 layer.failed_by_rule[rule] += 1
                             if failed:
@@ -227,7 +230,10 @@ def filter_documents(
                     else:
                         scorer, threshold = (gbm, gbm_threshold) if layer.name == "gbm" else \
                             (transformer, transformer_threshold)
-                        scores = scorer.score([texts[i] for i in alive])
+                        if layer.name == "gbm" and rules is not None and isinstance(scorer, GBMScorer):
+                            scores = scorer.score([texts[i] for i in alive], [stats[i] for i in alive])
+                        else:
+                            scores = scorer.score([texts[i] for i in alive])
                         layer.score_sum += float(np.sum(scores))
                         for i, s in zip(alive, scores):
                             quality[i][layer.name] = round(float(s), 6)

@@ -150,7 +150,8 @@ class TransformerScorer:
                              "(checksum differs from quality_classifier.json)")
         cfg = read_config(path)
         if cfg.vocab_size != tok.vocab_size:
-            raise ValueError(f"{path}: config vocab_size={cfg.vocab_size} but the tokenizer has {tok.vocab_size} pieces")
+            raise ValueError(f"{path}: config vocab_size={cfg.vocab_size} but the tokenizer has "
+                             f"{tok.vocab_size} pieces")
         model = DanubeClassifier(cfg)
         state = load_file(str(path / WEIGHTS_FILE))
         try:
