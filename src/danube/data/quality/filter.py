@@ -60,6 +60,8 @@ class _Layer:
     info: dict[str, Any] = field(default_factory=dict)
     failed_by_rule: dict[str, int] = field(default_factory=dict)
     score_sum: float = 0.0
+    scorer: Any = None  # the classifier layers' Scorer
+    threshold: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = {"layer": self.name, **self.info, "seen": vars(self.seen), "kept": vars(self.kept),
@@ -89,6 +91,37 @@ def _batches(it: Iterator, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def _apply(layer: _Layer, alive: list[int], texts: list[str], stats: list, quality: list[dict],
+           rules: HeuristicRules | None) -> list[int]:
+    """Run one layer on the documents ``alive``; fills ``quality`` (and ``stats``), returns those kept."""
+    survivors = []
+    if layer.name == "heuristics":
+        for i in alive:
+            stats[i] = document_stats(texts[i])
+            failed = rules.failures(stats[i])
+            quality[i]["heuristics"] = {"failed": failed, **{k: round(v, 4) for k, v in stats[i].items()}}
+            for rule in failed:
+                layer.failed_by_rule[rule] += 1
+            if failed:
+                quality[i]["reason"] = f"heuristics: {', '.join(failed)}"
+            else:
+                survivors.append(i)
+        return survivors
+    if isinstance(layer.scorer, GBMScorer) and rules is not None:
+        # The rules measured these documents already: the GBM's first features.
+        scores = layer.scorer.score([texts[i] for i in alive], [stats[i] for i in alive])
+    else:
+        scores = layer.scorer.score([texts[i] for i in alive])
+    layer.score_sum += float(np.sum(scores))
+    for i, s in zip(alive, scores):
+        quality[i][layer.name] = round(float(s), 6)
+        if s >= layer.threshold:
+            survivors.append(i)
+        else:
+            quality[i]["reason"] = f"{layer.name}: score {s:.4f} < {layer.threshold}"
+    return survivors
 
 
 def _check_threshold(name: str, value: float) -> None:
@@ -185,9 +218,11 @@ def filter_documents(
         layers.append(_Layer("heuristics", info={"rules": rules.to_dict()},
                              failed_by_rule=dict.fromkeys(rules.rule_names(), 0)))
     if gbm is not None:
-        layers.append(_Layer("gbm", info={"model": str(gbm.path), "threshold": gbm_threshold}))
+        layers.append(_Layer("gbm", info={"model": str(gbm.path), "threshold": gbm_threshold},
+                             scorer=gbm, threshold=gbm_threshold))
     if transformer is not None:
-        layers.append(_Layer("transformer", info={"model": str(transformer.path), "threshold": transformer_threshold}))
+        layers.append(_Layer("transformer", info={"model": str(transformer.path), "threshold": transformer_threshold},
+                             scorer=transformer, threshold=transformer_threshold))
     total, kept_total = _Count(), _Count()
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -214,33 +249,7 @@ def filter_documents(
                         layer.seen.add(lengths[i])
                     if not alive:
                         continue
-                    survivors = []
-                    if layer.name == "heuristics":
-                        for i in alive:
-                            stats[i] = document_stats(texts[i])
-                            failed = rules.failures(stats[i])
-                            quality[i]["heuristics"] = {"failed": failed,
-                                                        **{k: round(v, 4) for k, v in stats[i].items()}}
-                            for rule in failed:
-                                layer.failed_by_rule[rule] += 1
-                            if failed:
-                                quality[i]["reason"] = f"heuristics: {', '.join(failed)}"
-                            else:
-                                survivors.append(i)
-                    else:
-                        scorer, threshold = (gbm, gbm_threshold) if layer.name == "gbm" else \
-                            (transformer, transformer_threshold)
-                        if layer.name == "gbm" and rules is not None and isinstance(scorer, GBMScorer):
-                            scores = scorer.score([texts[i] for i in alive], [stats[i] for i in alive])
-                        else:
-                            scores = scorer.score([texts[i] for i in alive])
-                        layer.score_sum += float(np.sum(scores))
-                        for i, s in zip(alive, scores):
-                            quality[i][layer.name] = round(float(s), 6)
-                            if s >= threshold:
-                                survivors.append(i)
-                            else:
-                                quality[i]["reason"] = f"{layer.name}: score {s:.4f} < {threshold}"
+                    survivors = _apply(layer, alive, texts, stats, quality, rules)
                     for i in survivors:
                         layer.kept.add(lengths[i])
                     alive = survivors
