@@ -1,0 +1,153 @@
+"""What both trained quality classifiers share: labelled data, metrics, the directory format.
+
+A classifier directory holds ``quality_classifier.json`` (format, kind, what it was trained
+on, its held-out metrics) beside the kind's own files. :func:`load_scorer` reads the
+json and returns the right scorer; a directory of another kind, or none, is a clear error.
+A local Hugging Face sequence-classification directory (``config.json``, no
+``quality_classifier.json``) is also accepted as a transformer scorer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from danube.data.records import read_jsonl, require, text_field
+
+META_FILE = "quality_classifier.json"
+FORMAT = "danube-quality-classifier/1"
+KINDS = ("gbm", "transformer")
+
+
+class Scorer(Protocol):
+    """A trained classifier: ``score(texts)`` is the probability that each text is good."""
+
+    kind: str
+    path: Path
+
+    def score(self, texts: list[str]) -> np.ndarray: ...
+
+
+def read_texts(files: list[str | Path], field: str) -> list[str]:
+    """Every record's ``field`` of the ``.jsonl`` files; a bad record names its file and line."""
+    texts = []
+    for file in files:
+        for lineno, record in read_jsonl(file):
+            require(record, (field,), f"{file}:{lineno}", "document")
+            texts.append(text_field(record, field, f"{file}:{lineno}"))
+    return texts
+
+
+def labelled(positive: list[str | Path], negative: list[str | Path], field: str) -> tuple[list[str], np.ndarray]:
+    """Texts of both sets and their labels (1 good, 0 bad); both sets must be non-empty."""
+    pos, neg = read_texts(positive, field), read_texts(negative, field)
+    for name, texts, files in (("positive", pos, positive), ("negative", neg, negative)):
+        if not texts:
+            raise ValueError(f"no {name} examples in {[str(f) for f in files]}")
+    return pos + neg, np.array([1] * len(pos) + [0] * len(neg), dtype=np.int64)
+
+
+def split(n: int, labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, val) index arrays; ``val_fraction=0`` keeps everything for training."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in (0, 1):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        k = int(round(len(idx) * val_fraction))
+        if val_fraction > 0 and (k == 0 or k == len(idx)):
+            raise ValueError(f"val_fraction={val_fraction} leaves no {'validation' if k == 0 else 'training'} "
+                             f"examples of label {label} ({len(idx)} in all)")
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return rng.permutation(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy at ``threshold`` and ROC AUC (when both labels are present)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {"examples": int(len(labels)), "accuracy": float(np.mean((scores >= threshold) == (labels == 1)))}
+    if len(set(labels.tolist())) == 2:
+        out["auc"] = float(roc_auc_score(labels, scores))
+    return out
+
+
+def read_meta(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """The metadata of a classifier directory; ``kind`` set: refuse a directory of another kind."""
+    path = Path(path)
+    file = path / META_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"quality classifier not found: {path} (a directory written by "
+                                "`danube quality train-gbm` or `train-transformer`)")
+    if not file.is_file():
+        raise ValueError(f"{path} is not a danube quality classifier: no {META_FILE}")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
+        raise ValueError(f"{file}: not a danube quality classifier (expected format {FORMAT!r}, kind one of {KINDS})")
+    if kind is not None and meta["kind"] != kind:
+        raise ValueError(f"{path} is a {meta['kind']} quality classifier, not a {kind} one "
+                         f"(pass it with --{meta['kind']})")
+    return meta
+
+
+def write_dir(path: str | Path, meta: dict[str, Any], write_files: Callable[[Path], None]) -> Path:
+    """Write a classifier directory atomically: ``write_files(tmp)`` then the metadata, then rename."""
+    from danube.model.io import replace_dir
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).is_file():
+        raise FileExistsError(f"{path} is a non-empty directory that is not a quality classifier; "
+                              "refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write_files(tmp)
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_scorer(path: str | Path, expect: str, batch_size: int = 32, hf_label: int = 1,
+                hf_max_tokens: int = 512) -> Scorer:
+    """Load the classifier at ``path`` for the ``expect`` layer (``"gbm"`` or ``"transformer"``).
+
+    ``hf_*`` apply to a Hugging Face directory only: which label is "good", and how many
+    tokens of each document it reads.
+    """
+    path = Path(path)
+    if expect == "transformer" and path.is_dir() and not (path / META_FILE).is_file() \
+            and (path / "config.json").is_file():
+        from danube.data.quality.transformer import HFScorer
+
+        return HFScorer(path, batch_size=batch_size, max_tokens=hf_max_tokens, label=hf_label)
+    meta = read_meta(path, expect)
+    if meta["kind"] == "gbm":
+        from danube.data.quality.gbm import GBMScorer
+
+        return GBMScorer.load(path)
+    from danube.data.quality.transformer import TransformerScorer
+
+    return TransformerScorer.load(path, batch_size=batch_size)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

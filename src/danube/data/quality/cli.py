@@ -1,0 +1,159 @@
+"""``danube quality``: filter documents, train the GBM and the transformer classifier."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: danube quality {filter,train-gbm,train-transformer} ...
+
+  filter              score .jsonl documents with heuristics / GBM / transformer; keep the good ones
+  train-gbm           train the gradient-boosting classifier from positive and negative .jsonl
+  train-transformer   train the small danube transformer classifier from positive and negative .jsonl
+
+`danube quality SUBCOMMAND --help` for each."""
+
+
+def _filter(argv: list[str]) -> int:
+    from danube.data.quality.filter import filter_documents, report_path
+    from danube.data.quality.heuristics import HeuristicRules
+
+    p = argparse.ArgumentParser(
+        prog="danube quality filter",
+        description="Score .jsonl documents through heuristic rules, a GBM and a transformer classifier (each "
+        "optional, in that order); write the kept records with a `quality` field, a report next to the output "
+        "(OUT.quality.json) and optionally pretraining shards of the kept documents.",
+    )
+    p.add_argument("inputs", nargs="+", help=".jsonl files")
+    p.add_argument("-o", "--output", required=True, help="kept records (.jsonl)")
+    p.add_argument("--rejected", help="also write the dropped records with the reason (.jsonl)")
+    p.add_argument("--text-field", default="text", help="field holding the document (default: text)")
+    p.add_argument("--no-heuristics", action="store_true", help="skip the rule layer")
+    p.add_argument("--rules", help="YAML of heuristic thresholds (fields of HeuristicRules, e.g. "
+                   "conf/quality/gopher.yaml)")
+    p.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one threshold, e.g. --rule min_words=20 (repeatable)")
+    p.add_argument("--gbm", help="GBM classifier directory (danube quality train-gbm)")
+    p.add_argument("--gbm-threshold", type=float, default=0.5, help="keep when P(good) >= this (default 0.5)")
+    p.add_argument("--transformer", help="transformer classifier directory (danube quality train-transformer, "
+                   "or a local Hugging Face sequence-classification directory)")
+    p.add_argument("--transformer-threshold", type=float, default=0.5, help="keep when P(good) >= this")
+    p.add_argument("--hf-label", type=int, default=1, help="Hugging Face classifier: index of the good label")
+    p.add_argument("--tokenizer", help="SentencePiece model: count tokenizer tokens (and needed by --shards)")
+    p.add_argument("--shards", help="also tokenize the kept documents into this directory (danube prepare)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="--shards: documents held out")
+    p.add_argument("--workers", type=int, default=2, help="--shards: tokenizer processes")
+    p.add_argument("--batch-size", type=int, default=256, help="documents scored together")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    args = p.parse_args(argv)
+    try:
+        if args.no_heuristics and (args.rules or args.rule):
+            raise ValueError("--rules/--rule given with --no-heuristics")
+        rules = None if args.no_heuristics else HeuristicRules.load(args.rules, args.rule)
+        report = filter_documents(
+            args.inputs, args.output, args.text_field, rules, args.gbm, args.gbm_threshold, args.transformer,
+            args.transformer_threshold, args.rejected, args.tokenizer, args.shards, args.val_fraction, args.workers,
+            args.batch_size, args.hf_label, args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"danube quality filter: error: {err}", file=sys.stderr)
+        return 1
+    unit = "tokens" if args.tokenizer else "words"
+    print(f"{'layer':<12} {'seen docs':>10} {'kept docs':>10} {'seen ' + unit:>14} {'kept ' + unit:>14}")
+    for layer in report["layers"]:
+        print(f"{layer['layer']:<12} {layer['seen']['documents']:>10,} {layer['kept']['documents']:>10,} "
+              f"{layer['seen']['tokens']:>14,} {layer['kept']['tokens']:>14,}")
+        for rule, n in layer.get("failed_by_rule", {}).items():
+            if n:
+                print(f"  {rule:<26} {n:>8,} documents")
+    print(f"kept {report['kept']['documents']:,} of {report['input']['documents']:,} documents -> {args.output}")
+    print(f"report: {report_path(args.output)}")
+    if "shards" in report:
+        t = report["shards"]["totals"]
+        print(f"shards: {t['train']['tokens']:,} train + {t['val']['tokens']:,} val tokens -> {args.shards}")
+    return 0
+
+
+def _training_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--positive", nargs="+", required=True, help=".jsonl files of good documents (label 1)")
+    p.add_argument("--negative", nargs="+", required=True, help=".jsonl files of bad documents (label 0)")
+    p.add_argument("--out", required=True, help="classifier directory to write")
+    p.add_argument("--text-field", default="text", help="field holding the document (default: text)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out to report accuracy/AUC")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _print_metrics(report: dict, out: str) -> None:
+    for split in ("train", "val"):
+        if split in report:
+            m = report[split]
+            auc = f", AUC {m['auc']:.4f}" if "auc" in m else ""
+            print(f"{split}: {m['examples']:,} examples, accuracy {m['accuracy']:.4f}{auc}")
+    print(f"wrote {out}")
+
+
+def _train_gbm(argv: list[str]) -> int:
+    from danube.data.quality.classifier import labelled
+    from danube.data.quality.gbm import train_gbm
+
+    p = _training_parser("danube quality train-gbm", "Train a HistGradientBoostingClassifier on cheap text "
+                         "features of positive (good) and negative (bad) documents.")
+    p.add_argument("--max-iter", type=int, default=200, help="boosting rounds")
+    p.add_argument("--learning-rate", type=float, default=0.1)
+    args = p.parse_args(argv)
+    try:
+        texts, labels = labelled(args.positive, args.negative, args.text_field)
+        scorer, report = train_gbm(texts, labels, args.val_fraction, args.seed, args.max_iter, args.learning_rate)
+        scorer.save(args.out, {"trained": report, "positive": args.positive, "negative": args.negative})
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"danube quality train-gbm: error: {err}", file=sys.stderr)
+        return 1
+    _print_metrics(report, args.out)
+    return 0
+
+
+def _train_transformer(argv: list[str]) -> int:
+    from danube.data.quality.classifier import labelled
+    from danube.data.quality.transformer import classifier_config, train_transformer
+    from danube.data.tokenizer import Tokenizer
+
+    p = _training_parser("danube quality train-transformer", "Train a small danube transformer (mean-pooled, "
+                         "one logit) on positive (good) and negative (bad) documents.")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece model (copied into the classifier)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens read from the start of each document")
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-kv-head", type=int, default=2)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    args = p.parse_args(argv)
+    try:
+        tok = Tokenizer(args.tokenizer)
+        cfg = classifier_config(tok.vocab_size, args.max_tokens, args.n_layer, args.n_embd, args.n_head,
+                                args.n_kv_head)
+        texts, labels = labelled(args.positive, args.negative, args.text_field)
+        scorer, report = train_transformer(texts, labels, tok, cfg, args.max_tokens, args.steps, args.batch_size,
+                                           args.lr, val_fraction=args.val_fraction, seed=args.seed)
+        scorer.save(args.out, {"trained": report, "positive": args.positive, "negative": args.negative})
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"danube quality train-transformer: error: {err}", file=sys.stderr)
+        return 1
+    _print_metrics(report, args.out)
+    return 0
+
+
+SUBCOMMANDS = {"filter": _filter, "train-gbm": _train_gbm, "train-transformer": _train_transformer}
+
+
+def quality_main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] not in SUBCOMMANDS:
+        print(f"danube quality: unknown subcommand {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return SUBCOMMANDS[argv[0]](argv[1:])
