@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE = """usage: danube quality {filter,train-gbm,train-transformer} ...
+USAGE = """usage: danube quality {filter,train-gbm,train-transformer,sample} ...
 
   filter              score .jsonl documents with heuristics / GBM / transformer; keep the good ones
   train-gbm           train the gradient-boosting classifier from positive and negative .jsonl
   train-transformer   train the small danube transformer classifier from positive and negative .jsonl
+  sample              write labelled demo documents made here (CPython prose, generated junk)
 
 `danube quality SUBCOMMAND --help` for each."""
 
@@ -146,7 +147,30 @@ def _train_transformer(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"filter": _filter, "train-gbm": _train_gbm, "train-transformer": _train_transformer}
+def _sample(argv: list[str]) -> int:
+    from danube.data.quality.sample import write_sample
+
+    p = argparse.ArgumentParser(
+        prog="danube quality sample",
+        description="Write good.jsonl (prose bundled with CPython), junk.jsonl (generated: random characters, "
+        "symbol soup, boilerplate, repetition, word salad) and web.jsonl (both, shuffled) to try the filter on.",
+    )
+    p.add_argument("out_dir", help="directory to write the three files to")
+    p.add_argument("--good", type=int, default=150, help="prose documents")
+    p.add_argument("--junk", type=int, default=150, help="generated bad documents")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        paths = write_sample(args.out_dir, args.good, args.junk, args.seed)
+    except ValueError as err:
+        print(f"danube quality sample: error: {err}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"wrote {path}")
+    return 0
+
+
+SUBCOMMANDS = {"filter": _filter, "train-gbm": _train_gbm, "train-transformer": _train_transformer, "sample": _sample}
 
 
 def quality_main(argv: list[str]) -> int:
