@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-lora": ("danube.lora:merge_lora_main", "merge a LoRA adapter into its base model: a plain danube model directory"),
     "chat": ("danube.eval.console:chat_main", "chat with a model in the terminal (danube or Hugging Face directory)"),
     "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
+    "sweep-report": ("danube.sweep:sweep_report_main", "tabulate a train.py multirun by validation loss (Markdown, CSV, TensorBoard hparams)"),
 }
 
 
