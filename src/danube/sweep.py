@@ -66,12 +66,12 @@ def check_multirun_job(cfg: DictConfig) -> None:
             "Leave run_dir unset, each job then runs in hydra.sweep.dir/<job number>; move the sweep with "
             "hydra.sweep.dir=PATH"
         )
-    if world_size(cfg.trainer) > 1 and "LOCAL_RANK" not in os.environ:
+    if world_size(cfg.trainer) > 1:
         raise ValueError(
             f"trainer has {world_size(cfg.trainer)} devices in a multirun: Lightning starts one process per extra "
             "device by re-running this command line, -m included, so each would start the whole sweep. "
-            "Sweep with one device per job (trainer=h100x1), or start every rank yourself (torchrun) with a "
-            "grid sweep"
+            "Sweep with one device per job (trainer=h100x1); for several GPUs run one sweep per GPU "
+            "(CUDA_VISIBLE_DEVICES, each with its own hydra.sweep.dir)"
         )
 
 

@@ -39,7 +39,6 @@ def test_multirun_refuses_a_shared_run_dir_and_several_devices(monkeypatch):
     import danube.tasks.common as common
 
     monkeypatch.setattr(common, "hydra_mode_is_multirun", lambda: True)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(ValueError, match="every job would write"):
         check_multirun_job(compose_train(["run_dir=/tmp/one_dir"]))
     gpus = compose_train(["trainer=h100x8", "model=danube_1p8b"])
