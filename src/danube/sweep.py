@@ -45,8 +45,7 @@ def objective(result: TrainResult | None) -> float | None:
         return None
     value = result.final_val_loss
     if value is None:
-        log.warning("run %s logged no validation loss (train.val_every_n_steps larger than the run?): "
-                    "objective = inf", result.run_dir)
+        log.warning("run %s returned no validation loss: objective = inf", result.run_dir)
         return math.inf
     if not math.isfinite(value):
         log.warning("run %s ended with validation loss %s (diverged): objective = inf", result.run_dir, value)
@@ -172,7 +171,10 @@ def read_job(path: Path) -> Job:
     from omegaconf import OmegaConf
 
     overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
+    except Exception as err:  # a YAML error names neither the file nor the job
+        raise ValueError(f"{overrides_file}: not readable as YAML: {err}") from err
     if not isinstance(overrides, list):
         raise ValueError(f"{overrides_file}: expected a list of overrides, found {type(overrides).__name__}")
     job = Job(name=path.name, path=path, overrides=parse_overrides(overrides, overrides_file))

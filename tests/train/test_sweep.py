@@ -32,7 +32,7 @@ def test_objective_is_the_final_val_loss_and_inf_when_missing_or_diverged(caplog
     with caplog.at_level("WARNING", logger="danube.sweep"):
         assert objective(_result(None)) == math.inf
         assert objective(_result(float("nan"))) == math.inf
-    assert "logged no validation loss" in caplog.text and "diverged" in caplog.text
+    assert "returned no validation loss" in caplog.text and "diverged" in caplog.text
 
 
 def test_multirun_refuses_a_shared_run_dir_and_several_devices(monkeypatch):
@@ -75,6 +75,13 @@ def test_optuna_configs_compose_with_their_search_space(option, model):
     total = sum(s.tokens for s in validate(compose_train([f"hparams_search={option}", "plan=true"])))
     assert max(parsed["optim.warmup_tokens"].sweep_iterator()) < total
     assert parsed["optim.lr"].value().start >= parsed["optim.min_lr"].value().end
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
+def test_every_hparams_search_composes_and_plans(option):
+    cfg = compose_sweep([f"hparams_search={option}"])
+    assert cfg.hydra.sweeper.params  # a sweep with nothing to sweep would run one job
+    assert validate(compose_train([f"hparams_search={option}", "plan=true"]))
 
 
 def test_grid_config_is_a_basic_sweeper_grid():
@@ -176,6 +183,9 @@ def test_report_cli_refuses_what_is_not_a_multirun(fake_multirun, tmp_path, caps
 def test_report_names_a_broken_overrides_file(fake_multirun):
     (fake_multirun / "2" / ".hydra" / "overrides.yaml").write_text("lr: 1\n")
     with pytest.raises(ValueError, match=r"2/\.hydra/overrides\.yaml: expected a list"):
+        sweep_report(fake_multirun)
+    (fake_multirun / "2" / ".hydra" / "overrides.yaml").write_text("- a=1\n- [b\n")
+    with pytest.raises(ValueError, match=r"2/\.hydra/overrides\.yaml: not readable as YAML"):
         sweep_report(fake_multirun)
     assert not (fake_multirun / "sweep.md").exists()
 
