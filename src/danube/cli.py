@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("danube.eval.console:chat_main", "chat with a model in the terminal (danube or Hugging Face directory)"),
     "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
     "quality": ("danube.data.quality.cli:quality_main", "filter jsonl documents: heuristic rules, GBM and transformer classifiers"),
+    "sweep-report": ("danube.sweep:sweep_report_main", "tabulate a train.py multirun by validation loss (Markdown, CSV, TensorBoard hparams)"),
 }
 
 

@@ -74,8 +74,20 @@ def test_rerunning_a_finished_run_changes_nothing(two_stage_run, data_root):
     final = two_stage_run.run_dir / "seq128" / "final.ckpt"
     before = final.stat().st_mtime_ns
     cfg = compose_train([*SMALL, f"paths.data_dir={data_root}", f"run_dir={two_stage_run.run_dir}"])
-    assert run(cfg).tokens_seen == 65536
+    again = run(cfg)
+    assert again.tokens_seen == 65536
     assert final.stat().st_mtime_ns == before
+    # what a sweeper minimises is the same whether the run trained now or earlier
+    assert again.final_val_loss == pytest.approx(two_stage_run.final_val_loss, rel=1e-6)
+    assert again.final_train_loss == pytest.approx(two_stage_run.final_train_loss, rel=1e-6)
+
+
+def test_result_is_the_last_stage_last_losses(two_stage_run):
+    scalars = read_scalars(two_stage_run.run_dir)
+    tokens, val = scalars["val/loss"][-1]
+    assert tokens > 40960  # logged in the second stage, not carried over from the first
+    assert two_stage_run.final_val_loss == pytest.approx(val, rel=1e-6)
+    assert two_stage_run.final_train_loss == pytest.approx(scalars["train/loss"][-1][1], rel=1e-6)
 
 
 def test_resume_never_refuses_a_run_with_checkpoints(two_stage_run, data_root):

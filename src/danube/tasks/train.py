@@ -182,7 +182,7 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
     if (stage_dir / "final.ckpt").is_file() and str(cfg.resume) == "auto":
         log.info("stage %s is already complete (%s): skipping", plan.name, stage_dir / "final.ckpt")
         ckpt = torch.load(stage_dir / "final.ckpt", map_location="cpu", weights_only=False)
-        return TrainResult(run_dir, model_dir, int(ckpt["danube"]["tokens_seen"]), None, None)
+        return TrainResult(run_dir, model_dir, int(ckpt["danube"]["tokens_seen"]), *logged_losses(run_dir, plan))
     ckpt_path, init_from = stage_start(cfg, plan, plans, run_dir)
     log.info("stage %s: seq_len %d, %s tokens, %d steps, micro-batch %d x %d accumulation%s", plan.name,
              plan.seq_len, f"{plan.tokens:,}", plan.steps, plan.micro_batch_size, plan.grad_accum,
@@ -214,6 +214,19 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
     train = metrics.get("train/loss")
     return TrainResult(run_dir, model_dir, module.tokens_seen,
                        None if train is None else float(train), None if val is None else float(val))
+
+
+def logged_losses(run_dir: Path, plan: StagePlan) -> tuple[float | None, float | None]:
+    """(last train loss, last val loss) a finished stage logged: what its run returned then."""
+    from danube.plot import read_scalars
+
+    try:
+        scalars = read_scalars(run_dir)
+    except FileNotFoundError:
+        return None, None
+    last = [next((v for t, v in reversed(scalars.get(tag, [])) if plan.start_tokens < t <= plan.end_tokens), None)
+            for tag in ("train/loss", "val/loss")]
+    return last[0], last[1]
 
 
 def build_module(cfg, plan: StagePlan, total_tokens: int, init_from: str | None, tokenizer: Tokenizer,

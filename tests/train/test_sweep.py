@@ -1,0 +1,254 @@
+"""Sweeps: the objective train.py returns, the hparams_search configs, `danube sweep-report`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from danube.cli import main as cli_main
+from danube.sweep import check_multirun_job, find_jobs, objective, sweep_report
+from danube.tasks.train import TrainResult, validate
+from tests.conftest import CONF, REPO
+from tests.train.conftest import compose_train
+
+
+# -- the objective ----------------------------------------------------------------------
+def _result(val):
+    return TrainResult(Path("run"), Path("run/model"), 100, 1.0, val)
+
+
+def test_objective_is_the_final_val_loss_and_inf_when_missing_or_diverged(caplog):
+    assert objective(_result(2.5)) == 2.5
+    assert objective(None) is None  # plan=true trains nothing
+    with caplog.at_level("WARNING", logger="danube.sweep"):
+        assert objective(_result(None)) == math.inf
+        assert objective(_result(float("nan"))) == math.inf
+    assert "returned no validation loss" in caplog.text and "diverged" in caplog.text
+
+
+def test_a_missing_val_loss_is_taken_from_the_last_stage_logs(tmp_path):
+    from danube.sweep import with_logged_val_loss
+
+    cfg = compose_train(["debug=fast"])  # seq64: tokens 0 -> 40,960, seq128: -> 65,536
+    result = TrainResult(tmp_path, tmp_path / "model", 65536, None, None)
+    _scalars(tmp_path, {"val/loss": [(20480, 7.0)], "train/loss": [(65536, 6.5)]})
+    assert objective(with_logged_val_loss(cfg, result)) == math.inf  # only the first stage validated
+    _scalars(tmp_path, {"val/loss": [(61440, 6.75)]})
+    filled = with_logged_val_loss(cfg, result)
+    assert (filled.final_val_loss, filled.final_train_loss) == (6.75, 6.5)
+    assert with_logged_val_loss(cfg, _result(3.0)).final_val_loss == 3.0  # the Trainer's own value wins
+
+
+def test_multirun_refuses_a_shared_run_dir_and_several_devices(monkeypatch):
+    import danube.tasks.common as common
+
+    monkeypatch.setattr(common, "hydra_mode_is_multirun", lambda: True)
+    with pytest.raises(ValueError, match="every job would write"):
+        check_multirun_job(compose_train(["run_dir=/tmp/one_dir"]))
+    gpus = compose_train(["trainer=h100x8", "model=danube_1p8b"])
+    with pytest.raises(ValueError, match="8 devices in a multirun"):
+        check_multirun_job(gpus)
+    check_multirun_job(compose_train([]))  # one device, run_dir per job: fine
+
+
+# -- the configs ------------------------------------------------------------------------
+def compose_sweep(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("option, model", [("tiny_optuna", 256), ("proxy_500m_optuna", 1536)])
+def test_optuna_configs_compose_with_their_search_space(option, model):
+    import optuna
+    from hydra.utils import instantiate
+
+    cfg = compose_sweep([f"hparams_search={option}"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.direction == "minimize" and sweeper.storage is None
+    assert set(sweeper.params) == {"optim.lr", "optim.min_lr", "optim.warmup_tokens", "optim.weight_decay"}
+    assert cfg.model.n_embd == model
+    # what Hydra builds at `-m`: the plugin's sweeper with a seeded TPE sampler
+    built = instantiate(sweeper)
+    assert type(built).__name__ == "OptunaSweeper"
+    assert isinstance(built.sweeper.sampler, optuna.samplers.TPESampler) and built.sweeper.n_trials == sweeper.n_trials
+    # every warm-up choice ends before the recipe does, every LR range stays above min_lr's
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(
+        [f"{k}={v}" for k, v in sweeper.params.items()])}
+    total = sum(s.tokens for s in validate(compose_train([f"hparams_search={option}", "plan=true"])))
+    assert max(parsed["optim.warmup_tokens"].sweep_iterator()) < total
+    assert parsed["optim.lr"].value().start >= parsed["optim.min_lr"].value().end
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
+def test_every_hparams_search_composes_and_plans(option):
+    cfg = compose_sweep([f"hparams_search={option}"])
+    assert cfg.hydra.sweeper.params  # a sweep with nothing to sweep would run one job
+    assert validate(compose_train([f"hparams_search={option}", "plan=true"]))
+
+
+def test_grid_config_is_a_basic_sweeper_grid():
+    cfg = compose_sweep(["hparams_search=tiny_grid"])
+    assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
+    assert dict(cfg.hydra.sweeper.params) == {"optim.lr": "3e-3,1e-2", "train.global_batch_tokens": "8192,16384"}
+    assert cfg.model.n_embd == 256
+
+
+# -- the report -------------------------------------------------------------------------
+def _scalars(run_dir: Path, points: dict[str, list[tuple[int, float]]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir / "tensorboard" / "seq64")) as w:
+        for tag, values in points.items():
+            for step, value in values:
+                w.add_scalar(tag, value, step)
+
+
+def _job(root: Path, num: int, overrides: list[str], *, result=None, scalars=None, config=None, final=False):
+    job = root / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if result is not None:
+        (job / "result.json").write_text(json.dumps(result))
+    if scalars:
+        _scalars(job, scalars)
+    if config is not None:
+        (job / "config.yaml").write_text(yaml.safe_dump(config))
+    if final:
+        (job / "seq64").mkdir()
+        (job / "seq64" / "final.ckpt").write_bytes(b"x")
+
+
+@pytest.fixture
+def fake_multirun(tmp_path):
+    """Five jobs as train.py leaves them: done, better and done, diverged, killed, failed at start."""
+    root = tmp_path / "multirun" / "2026-11-23_09-00-00"
+    config = {"stage": "all", "recipe": {"stages": [{"name": "seq64", "seq_len": 64, "tokens": 1024}]}}
+    curve = {"train/loss": [(512, 5.0), (1024, 4.0)], "val/loss": [(512, 5.5), (1024, 4.5)]}
+    _job(root, 0, ["optim.lr=0.003", "debug=fast"], scalars=curve, config=config, final=True,
+         result={"status": "complete", "objective": 4.5, "final_val_loss": 4.5, "final_train_loss": 4.0,
+                 "tokens_seen": 1024})
+    _job(root, 1, ["optim.lr=0.03", "debug=fast"], config=config, scalars={"val/loss": [(512, float("nan"))]},
+         result={"status": "diverged", "objective": "inf", "final_val_loss": "nan", "tokens_seen": 1024})
+    _job(root, 2, ["optim.lr=0.001", "debug=fast"], config=config, scalars={"val/loss": [(512, 6.0)]})  # killed
+    _job(root, 3, ["optim.lr=0.1", "debug=fast"], result={"status": "failed", "error": "ValueError: lr | bad"})
+    # no result.json (written by an older danube), but the last stage's final checkpoint is there
+    _job(root, 10, ["optim.lr=0.01", "debug=fast"], config=config, final=True,
+         scalars={"train/loss": [(1024, 3.0)], "val/loss": [(1024, 3.25)]})
+    return root
+
+
+def test_report_sorts_by_val_loss_and_flags_failed_jobs(fake_multirun):
+    jobs, written = sweep_report(fake_multirun)
+    assert [j.name for j in jobs] == ["10", "0", "1", "2", "3"]
+    assert [j.status for j in jobs] == ["complete", "complete", "diverged", "incomplete", "failed"]
+    assert jobs[0].val_loss == 3.25 and jobs[0].tokens == 1024 and math.isnan(jobs[2].val_loss)
+    md = written["markdown"].read_text()
+    assert "5 jobs: 2 complete, 1 diverged, 1 incomplete, 1 failed." in md
+    assert "Same for every job: `debug=fast`" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| rank | job | optim.lr | val loss | train loss | tokens | status |"
+    assert rows[1] == "| 1 | 10 | 0.01 | 3.2500 | 3.0000 | 1,024 | complete |"
+    assert rows[2] == "| 2 | 0 | 0.003 | 4.5000 | 4.0000 | 1,024 | complete |"
+    assert rows[5] == "| 5 | 3 | 0.1 | - | - | - | failed: ValueError: lr \\| bad |"
+    table = list(csv.DictReader(written["csv"].open()))
+    assert [r["job"] for r in table] == ["10", "0", "1", "2", "3"]
+    assert table[0]["optim.lr"] == "0.01" and float(table[0]["val_loss"]) == 3.25 and table[4]["error"]
+
+
+def test_report_writes_tensorboard_hparams_once(fake_multirun):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sweep_report(fake_multirun)
+    sweep_report(fake_multirun)  # again: replaces, does not add runs
+    hp = fake_multirun / "hparams"
+    assert sorted(p.name for p in hp.iterdir() if p.is_dir()) == ["0", "1", "10", "2", "3"]
+    events = list((hp / "10").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(hp / "10"))
+    acc.Reload()
+    assert acc.Scalars("hparam/val_loss")[0].value == pytest.approx(3.25)
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    failed = EventAccumulator(str(hp / "3"))
+    failed.Reload()
+    assert "hparam/val_loss" not in failed.Tags()["scalars"]  # no metric invented for a failed job
+
+
+def test_report_cli_refuses_what_is_not_a_multirun(fake_multirun, tmp_path, capsys):
+    assert cli_main(["sweep-report", str(fake_multirun / "0")]) == 2
+    assert "not a Hydra multirun directory" in capsys.readouterr().err
+    assert cli_main(["sweep-report", str(tmp_path / "nope")]) == 2
+    with pytest.raises(FileNotFoundError, match="give its parent"):
+        find_jobs(fake_multirun / "0")
+    assert not (fake_multirun / "0" / "sweep.md").exists()
+
+
+def test_report_names_a_broken_overrides_file(fake_multirun):
+    (fake_multirun / "2" / ".hydra" / "overrides.yaml").write_text("lr: 1\n")
+    with pytest.raises(ValueError, match=r"2/\.hydra/overrides\.yaml: expected a list"):
+        sweep_report(fake_multirun)
+    (fake_multirun / "2" / ".hydra" / "overrides.yaml").write_text("- a=1\n- [b\n")
+    with pytest.raises(ValueError, match=r"2/\.hydra/overrides\.yaml: not readable as YAML"):
+        sweep_report(fake_multirun)
+    assert not (fake_multirun / "sweep.md").exists()
+
+
+# -- end to end, from the shell ----------------------------------------------------------
+# The debug model, one 64-token stage of 16,384 tokens (4 micro-batches of 4,096): seconds a job.
+QUICK = ["debug=fast", "data.num_workers=0", "recipe.stages=[{name:seq64,seq_len:64,tokens:16384}]",
+         "train.micro_batch_tokens=4096", "train.val_batches=2", "train.checkpoint_every_n_steps=0"]
+
+
+def _multirun(args: list[str], tmp_path: Path, data_root: Path) -> Path:
+    sweep_dir = tmp_path / "multirun"
+    cmd = [sys.executable, "train.py", "-m", *args, *QUICK, f"paths.data_dir={data_root}",
+           f"paths.runs_dir={tmp_path}/runs", f"hydra.sweep.dir={sweep_dir}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return sweep_dir
+
+
+@pytest.mark.slow
+def test_grid_multirun_of_the_tiny_model_is_reported_sorted(tmp_path, data_root):
+    # The grid on the command line, as conf/hparams_search/tiny_grid.yaml has it, at batches that give
+    # these 16,384 tokens 4 and 2 steps (one step would end at min_lr whatever the peak LR).
+    sweep_dir = _multirun(["optim.lr=3e-3,1e-2", "train.global_batch_tokens=4096,8192"], tmp_path, data_root)
+    out = subprocess.run([sys.executable, "-m", "danube.cli", "sweep-report", str(sweep_dir)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    jobs = find_jobs(sweep_dir)
+    assert len(jobs) == 4 and {j.status for j in jobs} == {"complete"}
+    grid = {(j.overrides["optim.lr"], j.overrides["train.global_batch_tokens"]) for j in jobs}
+    assert grid == {(lr, b) for lr in ("0.003", "0.01") for b in ("4096", "8192")}  # Hydra writes 3e-3 as 0.003
+    rows = [line for line in (sweep_dir / "sweep.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| rank | job | optim.lr | train.global_batch_tokens | val loss")
+    losses = [float(r.split(" | ")[4]) for r in rows[1:]]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses == sorted(losses)
+    # each job's objective is its own run's last logged validation loss
+    for job in jobs:
+        recorded = json.loads((job.path / "result.json").read_text())
+        assert recorded["objective"] == pytest.approx(job.val_loss) and recorded["tokens_seen"] == 16384
+    assert len({j.val_loss for j in jobs}) == 4  # four different runs, not one resumed four times
+    assert "wrote markdown" in out.stdout
+
+
+@pytest.mark.slow
+def test_optuna_two_trials_on_the_tiny_model(tmp_path, data_root):
+    sweep_dir = _multirun(["hparams_search=tiny_optuna", "hydra.sweeper.n_trials=2"], tmp_path, data_root)
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    jobs, written = sweep_report(sweep_dir, tensorboard=False)
+    assert len(jobs) == 2 and all(j.status == "complete" for j in jobs)
+    assert best["best_value"] == pytest.approx(jobs[0].val_loss)  # Optuna minimised what train.py returned
+    assert float(jobs[0].overrides["optim.lr"]) == pytest.approx(best["best_params"]["optim.lr"])
+    assert "Optuna's best value" in written["markdown"].read_text()
