@@ -202,6 +202,7 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
         callbacks=[StageProgressBar(f"{plan.name} (seq {plan.seq_len})")],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    train = trainer.callback_metrics.get("train/loss")  # trainer.validate below resets callback_metrics
     if module.last_val_tokens != module.tokens_seen and trainer.limit_val_batches != 0:
         # Validation runs every val_every_n_steps; a stage's last step need not be one of
         # them, and its val loss is the one that matters (Figure 1, a sweep's objective).
@@ -209,9 +210,7 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
     trainer.save_checkpoint(stage_dir / "final.ckpt")
     if trainer.is_global_zero:
         save_model_dir(module.model, model_dir, tokenizer=tokenizer.model_file)
-    metrics = trainer.callback_metrics
-    val = metrics.get("val/loss")
-    train = metrics.get("train/loss")
+    val = trainer.callback_metrics.get("val/loss")
     return TrainResult(run_dir, model_dir, module.tokens_seen,
                        None if train is None else float(train), None if val is None else float(val))
 
