@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-lora": ("danube.lora:merge_lora_main", "merge a LoRA adapter into its base model: a plain danube model directory"),
     "chat": ("danube.eval.console:chat_main", "chat with a model in the terminal (danube or Hugging Face directory)"),
     "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
+    "swap-tokenizer": ("danube.swap_tokenizer:swap_tokenizer_main", "re-map a model directory to another tokenizer (shared pieces keep their rows)"),
 }
 
 
