@@ -97,6 +97,10 @@ def test_errors_name_what_is_wrong_and_leave_outputs_alone(old_model_dir, code_t
     with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
         swap_tokenizer(old_model_dir, code_tokenizer, tmp_path / "out")
     (tmp_path / "moved.model").rename(old_model_dir / "tokenizer.model")
+    small = DanubeConfig(vocab_size=500, n_embd=64, intermediate_size=96, n_layer=1, n_head=4, n_kv_head=2)
+    save_model_dir(build_model(small), tmp_path / "small", tokenizer=old_model_dir / "tokenizer.model")
+    with pytest.raises(ValueError, match="has 1000 pieces but .*small's vocab_size is 500"):
+        swap_tokenizer(tmp_path / "small", code_tokenizer, tmp_path / "out")
     with pytest.raises(FileExistsError, match="is the input model directory"):
         swap_tokenizer(old_model_dir, code_tokenizer, old_model_dir, overwrite=True)
     with pytest.raises(SystemExit) as exit_info:
@@ -116,4 +120,4 @@ def test_errors_name_what_is_wrong_and_leave_outputs_alone(old_model_dir, code_t
     with pytest.raises(OSError, match="disk full"):
         swap_tokenizer(old_model_dir, code_tokenizer, out, overwrite=True, seed=5)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left behind
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind

@@ -101,6 +101,9 @@ def swap_tokenizer(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     cfg = read_config(model_dir)  # fails before the weights are read
+    if old_tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{old_tok_path} has {old_tok.vocab_size} pieces but {model_dir}'s vocab_size is "
+                         f"{cfg.vocab_size}: it is not the tokenizer this model was trained with")
     old_ids = {piece: i for i, piece in enumerate(old_tok.pieces())}
     new_pieces = new_tok.pieces()
     pairs = [(new_id, old_ids[p]) for new_id, p in enumerate(new_pieces) if p in old_ids]
