@@ -77,6 +77,7 @@ def source_tokens(run_dir, stage):
     return torch.load(run_dir / stage / "final.ckpt", map_location="cpu", weights_only=False)["danube"]["source_tokens"]
 
 
+@pytest.mark.slow  # shares the ~35 s chain fixture (three runs)
 def test_each_stage_reads_its_own_mixture(chain):
     root, result = chain
     run_dir = result.run_dir
@@ -91,6 +92,7 @@ def test_each_stage_reads_its_own_mixture(chain):
         before = after
 
 
+@pytest.mark.slow  # shares the ~35 s chain fixture (three runs)
 def test_tensorboard_token_counts_end_each_stage_at_the_checkpoint_counts(chain):
     _, result = chain
     scalars = read_scalars(result.run_dir)
@@ -111,6 +113,7 @@ def test_tensorboard_token_counts_end_each_stage_at_the_checkpoint_counts(chain)
     assert seq == {64.0}
 
 
+@pytest.mark.slow  # shares the ~35 s chain fixture (three runs)
 def test_continued_model_has_no_window_and_the_new_tokenizer(chain, danube1, data_root):
     root, result = chain
     assert read_config(danube1).sliding_window == 48 and read_config(danube1).vocab_size == 1000
@@ -122,6 +125,7 @@ def test_continued_model_has_no_window_and_the_new_tokenizer(chain, danube1, dat
     assert val[-1] < val[0], val
 
 
+@pytest.mark.slow  # shares the ~35 s chain fixture (three runs)
 def test_resuming_inside_a_stage_keeps_the_per_source_counts(chain, data_root, tmp_path):
     root, first = chain
     step4 = first.run_dir / "data1" / "checkpoints" / "step00000004.ckpt"
