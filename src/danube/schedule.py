@@ -36,10 +36,15 @@ class StagePlan:
     micro_batch_size: int
     grad_accum: int
     steps: int
+    weights: dict[str, float] | None = None  # this stage's data mixture; None: the run's data.weights
+
 
     @property
     def end_tokens(self) -> int:
         return self.start_tokens + self.tokens
+
+
+STAGE_KEYS = {"name", "seq_len", "tokens", "weights"}
 
 
 def plan_stages(
@@ -50,8 +55,20 @@ def plan_stages(
         raise ValueError("recipe.stages is empty")
     plans, start = [], 0
     for i, stage in enumerate(stages):
+        unknown = sorted(set(stage) - STAGE_KEYS)
+        missing = sorted({"name", "seq_len", "tokens"} - set(stage))
+        if unknown or missing:
+            raise ValueError(f"recipe.stages[{i}] ({stage.get('name', '?')}): unknown keys {unknown}, missing keys "
+                             f"{missing}; a stage has {', '.join(sorted(STAGE_KEYS))}")
         name, seq_len, tokens = stage["name"], int(stage["seq_len"]), int(stage["tokens"])
         where = f"recipe.stages[{i}] ({name})"
+        weights = stage.get("weights")
+        if weights is not None:
+            weights = dict(weights)
+            if not weights or any(not isinstance(w, (int, float)) or w < 0 for w in weights.values()) \
+                    or sum(weights.values()) <= 0:
+                raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, "
+                                 f"got {weights}")
         if micro_batch_tokens % seq_len:
             raise ValueError(
                 f"{where}: train.micro_batch_tokens={micro_batch_tokens} is not a multiple of seq_len={seq_len}"
@@ -67,7 +84,7 @@ def plan_stages(
         if steps < 1:
             raise ValueError(f"{where}: tokens={tokens} is less than one step of {global_batch_tokens} tokens")
         plans.append(StagePlan(i, name, seq_len, steps * global_batch_tokens, start, micro,
-                               global_batch_tokens // per_pass, steps))
+                               global_batch_tokens // per_pass, steps, weights))
         start += steps * global_batch_tokens
     return plans
 
@@ -92,6 +109,9 @@ def format_plan(
         "| stage | seq_len | tokens | start -> end tokens | steps | micro-batch | grad accum | LR first step | "
         "LR last step | hours |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"
     )
+    mixtures = any(p.weights for p in plans)
+    if mixtures:
+        head = head.replace(" hours |\n", " hours | mixture |\n") + "---|"
     rows, hours_total = [], 0.0
     for p in plans:
         hours = p.tokens / tokens_per_sec / 3600
@@ -99,7 +119,7 @@ def format_plan(
         rows.append(
             f"| {p.name} | {p.seq_len:,} | {p.tokens:,} | {p.start_tokens:,} -> {p.end_tokens:,} | "
             f"{p.steps:,} | {p.micro_batch_size} | {p.grad_accum} | {lr_of(p.start_tokens + global_batch_tokens)} | "
-            f"{lr_of(p.end_tokens)} | {hours:,.1f} |"
+            f"{lr_of(p.end_tokens)} | {hours:,.1f} |" + (f" {format_mixture(p.weights)} |" if mixtures else "")
         )
     foot = (
         f"\n{total:,} tokens in {sum(p.steps for p in plans):,} steps of {global_batch_tokens:,} tokens on "
@@ -107,3 +127,11 @@ def format_plan(
         f"{hours_total:,.1f} h ({hours_total / 24:,.1f} days) at {tokens_per_sec:,.0f} tokens/s."
     )
     return "\n".join([head, *rows]) + foot
+
+
+def format_mixture(weights: dict[str, float] | None) -> str:
+    """``web 84.5%, wiki 5.0%, ...`` (normalised), or ``data.weights`` when the stage sets none."""
+    if not weights:
+        return "data.weights"
+    total = sum(weights.values())
+    return ", ".join(f"{name} {100 * w / total:.1f}%" for name, w in weights.items())

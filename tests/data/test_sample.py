@@ -5,7 +5,7 @@ import torch
 
 from danube.data.prepare import read_manifest
 from danube.data.pretrain import PretrainDataModule
-from danube.data.sample import ensure_sample_data, sample_documents
+from danube.data.sample import SOURCES, ensure_sample_data, ensure_sample_sources, labelled_documents, sample_documents
 from danube.data.tokenizer import Tokenizer
 
 
@@ -50,3 +50,21 @@ def test_rebuilds_when_the_tokenizer_no_longer_matches(tmp_path, sp_model):
     tok = Tokenizer(tok_path)
     assert tok.vocab_size == 1024 and read_manifest(shards)["tokenizer"]["checksum"] == tok.checksum
     assert (shards / "train" / "index.json").stat().st_mtime_ns != stamp
+
+
+def test_sample_sources_split_the_corpus_by_kind_of_text(sample):
+    root, tok_path, shards = sample
+    tok, dirs = ensure_sample_sources(root)
+    assert tok == tok_path and list(dirs) == list(SOURCES) == ["topics", "docstrings", "code"]
+    labelled = labelled_documents()
+    assert [text for _, text in labelled] == sample_documents()  # the same corpus, each document in one source
+    manifests = {name: read_manifest(d) for name, d in dirs.items()}
+    for name, m in manifests.items():
+        assert m["tokenizer"]["checksum"] == Tokenizer(tok_path).checksum
+        assert m["totals"]["documents"] == sum(source == name for source, _ in labelled)
+    assert sum(m["totals"]["tokens"] for m in manifests.values()) == read_manifest(shards)["totals"]["tokens"]
+    code = (dirs["code"].parent / "code.jsonl").read_text()
+    assert "def " in code and "import " in code
+    stamp = (dirs["code"] / "train" / "index.json").stat().st_mtime_ns
+    assert ensure_sample_sources(root)[1] == dirs  # reused, not rebuilt
+    assert (dirs["code"] / "train" / "index.json").stat().st_mtime_ns == stamp

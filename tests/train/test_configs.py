@@ -31,7 +31,8 @@ def test_every_option_composes(group, option):
 
 
 # Which shipped recipe has each stage file's stage.
-STAGE_RECIPES = {"seq64": ["debug=fast"], "seq128": [], "seq256": []}
+STAGE_RECIPES = {"seq64": ["debug=fast"], "seq128": [], "seq256": [],
+                 **{f"data{i}": ["experiment=danube2_continue"] for i in (1, 2, 3)}}
 
 
 @pytest.mark.parametrize("stage", options("stage"))

@@ -72,13 +72,21 @@ class _Mixture:
     function of ``(seed, epoch, k)``, so the mixture resumes exactly with any worker count.
     Every rank draws the same source sequence; with litdata's equal per-rank shares the
     ranks therefore end the epoch (the first source running out) at the same step.
+
+    The sources follow a Weyl sequence rather than independent draws: sample ``k`` takes
+    the source whose cumulative-weight interval holds ``frac(u0 + k * 0.618...)``, ``u0``
+    drawn from ``(seed, epoch)``. Any run of ``n`` samples then holds each source ``n * w``
+    times give or take a few samples (independent draws: give or take ``sqrt(n w (1 - w))``),
+    so even a short stage gets the mixture it asked for.
     """
 
     _BLOCK = 4096
+    _GOLDEN = (5**0.5 - 1) / 2  # the irrational step with the most even coverage of [0, 1)
 
     def __init__(self, loaders: list, source_ids: list[int], weights: list[float], batch_size: int, seed: int) -> None:
         self.loaders, self.source_ids, self.batch_size, self.seed = loaders, source_ids, batch_size, seed
         self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self._edges = np.cumsum(self.p)[:-1]  # interval i is [edges[i-1], edges[i])
         self.epoch = 0
         self.samples = 0  # drawn in the current epoch
         self._restored = False
@@ -87,8 +95,10 @@ class _Mixture:
     def _choice(self, k: int) -> int:
         block = k // self._BLOCK
         if self._choices is None or self._choices[0] != block:
-            rng = np.random.default_rng([self.seed, self.epoch, block])
-            self._choices = (block, rng.choice(len(self.p), size=self._BLOCK, p=self.p))
+            u0 = np.random.default_rng([self.seed, self.epoch]).random()
+            u = np.mod(u0 + (block * self._BLOCK + np.arange(self._BLOCK)) * self._GOLDEN, 1.0)
+            # side="right": a zero-weight source (an empty interval) is never chosen.
+            self._choices = (block, np.searchsorted(self._edges, u, side="right"))
         return int(self._choices[1][k % self._BLOCK])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -31,14 +31,22 @@ MODULES = (
     "uuid warnings weakref xml.dom.minidom xml.etree.ElementTree zipfile"
 ).split()
 
+# The sample's documents by what they are, for mixtures (data=sample_sources): pydoc's help
+# topics (English prose about the language), module/class/function docstrings, module source.
+SOURCES = ("topics", "docstrings", "code")
+SOURCES_DIR = "sources"
 CORPUS = "corpus.jsonl"
 TOKENIZER = "tokenizer.model"
 SHARDS = "shards"
 DOC_CHARS = 8_000
 
 
-def _module_docs(name: str) -> list[str]:
-    """The module's docstrings (module, then each public class with its methods, each function) and its source."""
+def _module_docs(name: str) -> list[tuple[str, str]]:
+    """The module's docstrings (module, then each public class with its methods, each function) and its source.
+
+    Returns:
+        ``(source name, text)`` pairs: ``("docstrings", ...)`` then ``("code", ...)``.
+    """
     try:
         mod = importlib.import_module(name)
     except ImportError:  # a build without e.g. _ssl or _lzma
@@ -56,13 +64,13 @@ def _module_docs(name: str) -> list[str]:
             parts.append("\n\n".join([f"class {attr}: {inspect.getdoc(obj) or ''}", *methods]))
         elif inspect.isfunction(obj) and inspect.getdoc(obj):
             parts.append(f"{attr}(): {inspect.getdoc(obj)}")
-    docs.append(f"Module {name}\n\n" + "\n\n".join(p for p in parts if p.strip()))
+    docs.append(("docstrings", f"Module {name}\n\n" + "\n\n".join(p for p in parts if p.strip())))
     try:
         source = inspect.getsource(mod)
     except (OSError, TypeError):
         source = ""
     if source.strip():
-        docs.append(source)
+        docs.append(("code", source))
     return docs
 
 
@@ -80,35 +88,55 @@ def _pieces(text: str, size: int = DOC_CHARS) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
-def sample_documents() -> list[str]:
-    """Every document of the sample corpus, in a fixed order."""
+def labelled_documents() -> list[tuple[str, str]]:
+    """Every document of the sample corpus with the source it belongs to (see :data:`SOURCES`), in a fixed order."""
     from pydoc_data.topics import topics
 
-    docs = [topics[k] for k in sorted(topics)]
+    docs = [("topics", topics[k]) for k in sorted(topics)]
     for name in MODULES:
         docs.extend(_module_docs(name))
     # Paragraph groups rather than whole files: a finer train/val split, and SentencePiece
     # trains on records shorter than its 64 KiB sentence limit.
-    return [p for d in docs for p in _pieces(d)]
+    return [(source, p) for source, d in docs for p in _pieces(d)]
+
+
+def sample_documents() -> list[str]:
+    """Every document of the sample corpus, in a fixed order."""
+    return [text for _, text in labelled_documents()]
 
 
 def _is_ready(root: Path, vocab_size: int) -> bool:
-    from danube.data.prepare import read_manifest
     from danube.data.tokenizer import Tokenizer
 
-    tok_path, shards = root / TOKENIZER, root / SHARDS
-    if not (tok_path.is_file() and (shards / "train" / "index.json").is_file()):
+    tok_path = root / TOKENIZER
+    if not tok_path.is_file():
         return False
     try:
-        manifest = read_manifest(shards)
         tok = Tokenizer(tok_path)
     except (OSError, ValueError) as err:
         log.warning("rebuilding the sample data in %s: %s", root, err)
         return False
-    same = manifest["tokenizer"]["checksum"] == tok.checksum and tok.vocab_size == vocab_size
-    if not same:
-        log.warning("rebuilding the sample data in %s: tokenizer changed or vocab size is not %d", root, vocab_size)
-    return same
+    if tok.vocab_size != vocab_size:
+        log.warning("rebuilding the sample data in %s: the tokenizer's vocab size is not %d", root, vocab_size)
+        return False
+    return _shards_match(root / SHARDS, tok.checksum)
+
+
+def _shards_match(shards: Path, checksum: str) -> bool:
+    """Whether ``shards`` is a complete prepared directory made with the tokenizer of sha256 ``checksum``."""
+    from danube.data.prepare import read_manifest
+
+    if not (shards / "train" / "index.json").is_file():
+        return False
+    try:
+        manifest = read_manifest(shards)
+    except (OSError, ValueError) as err:
+        log.warning("rebuilding %s: %s", shards, err)
+        return False
+    if manifest["tokenizer"]["checksum"] != checksum:
+        log.warning("rebuilding %s: it was tokenized with another tokenizer", shards)
+        return False
+    return True
 
 
 def ensure_sample_data(root: str | Path, vocab_size: int = 4096, num_workers: int = 2) -> tuple[Path, Path]:
@@ -143,3 +171,42 @@ def ensure_sample_data(root: str | Path, vocab_size: int = 4096, num_workers: in
         prepare([corpus], shards, tok_path, val_fraction=0.02, num_workers=num_workers, chunk_bytes="8MB",
                 seed=0, overwrite=True)
     return tok_path, shards
+
+
+def ensure_sample_sources(root: str | Path, vocab_size: int = 4096, num_workers: int = 2) -> tuple[Path, dict[str, Path]]:
+    """The sample corpus as the named sources of :data:`SOURCES`, one prepared directory each.
+
+    They share the sample's tokenizer (built by :func:`ensure_sample_data` under the same
+    ``root``), so a run can mix them by weight, and a model trained on ``data=sample`` reads them.
+
+    Returns:
+        ``(tokenizer.model path, {source name: prepared directory})``.
+    """
+    from filelock import FileLock
+
+    from danube.data.prepare import prepare
+    from danube.data.tokenizer import Tokenizer
+
+    tok_path, _ = ensure_sample_data(root, vocab_size=vocab_size, num_workers=num_workers)
+    checksum = Tokenizer(tok_path).checksum
+    base = Path(root) / SOURCES_DIR
+    dirs = {name: base / name for name in SOURCES}
+    with FileLock(str(Path(root) / ".lock")):
+        stale = [name for name, d in dirs.items() if not _shards_match(d, checksum)]
+        if stale:
+            base.mkdir(exist_ok=True)
+            docs: dict[str, list[str]] = {name: [] for name in SOURCES}
+            for source, text in labelled_documents():
+                docs[source].append(text)
+            for name in stale:
+                log.info("preparing sample source %r (%d documents) in %s", name, len(docs[name]), dirs[name])
+                corpus = base / f"{name}.jsonl"
+                tmp = corpus.with_suffix(".tmp")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    for text in docs[name]:
+                        f.write(json.dumps({"text": text}) + "\n")
+                tmp.replace(corpus)
+                # 5% held out: the smallest source (topics) still gets a few validation documents.
+                prepare([corpus], dirs[name], tok_path, val_fraction=0.05, num_workers=num_workers,
+                        chunk_bytes="8MB", seed=0, overwrite=True)
+    return tok_path, dirs

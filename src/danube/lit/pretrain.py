@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -58,7 +59,8 @@ class PretrainModule(L.LightningModule):
         seq_len: this stage's sequence length (logged as ``train/seq_len``).
         precision: the precision config (``fp8: true`` builds Transformer Engine layers).
         peak_flops: per-device peak for ``perf/mfu`` (None: not logged).
-        init_from: a checkpoint of the previous stage to start from (weights, optimizer, tokens).
+        init_from: a checkpoint of the previous stage to start from (weights, optimizer, tokens),
+            or a danube model directory (weights only: fresh optimizer, tokens 0).
     """
 
     def __init__(
@@ -245,7 +247,35 @@ class PretrainModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.hparams.init_from and self.trainer.ckpt_path is None:
-            self._start_from_previous_stage(self.hparams.init_from)
+            if Path(self.hparams.init_from).is_dir():
+                self._start_from_model_dir(self.hparams.init_from)
+            else:
+                self._start_from_previous_stage(self.hparams.init_from)
+
+    def on_train_end(self) -> None:
+        # The stage's last step need not be a logging step: write the per-source totals at its
+        # last token so each stage's mixture reads off TensorBoard at the stage boundary.
+        if self.hparams.source_names:
+            self._flush_source_tokens()
+            if self.logger is not None:
+                self.logger.log_metrics({f"data/tokens/{n}": float(c) for n, c in
+                                         zip(self.hparams.source_names, self.source_tokens_total)},
+                                        step=self.tokens_seen)
+
+    def _start_from_model_dir(self, path: str) -> None:
+        """A model directory's weights (every parameter, shapes checked); optimizer and counters start afresh."""
+        from safetensors.torch import load_file
+
+        from danube.model.io import WEIGHTS_FILE
+
+        state = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")
+        # Not strict: Transformer Engine layers (fp8) add `_extra_state` entries a model directory does not hold.
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        missing = [k for k in missing if not k.endswith("._extra_state") and k not in tied]
+        if missing or unexpected:
+            raise ValueError(f"init_from={path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        log.info("started from the weights of model directory %s (fresh optimizer, 0 tokens)", path)
 
     def _start_from_previous_stage(self, path: str) -> None:
         """Weights, optimizer moments and tokens seen of the previous stage; loops start afresh."""

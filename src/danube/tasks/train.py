@@ -8,6 +8,10 @@ Run directory layout::
       <stage>/checkpoints/last.ckpt   # periodic + last (atomic writes)
       <stage>/final.ckpt              # written when the stage completes
       <stage>/model/                  # the stage's weights as a danube model directory
+
+A stage may set its own data mixture (``weights: {source: share}`` in the recipe; default
+``data.weights``), and the first stage may start from a model directory's weights
+(``init_from``: fresh optimizer, tokens 0) as H2O-Danube2 started from H2O-Danube-1.8B.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from danube.callbacks import StageProgressBar
 from danube.data.tokenizer import Tokenizer
 from danube.model import DanubeConfig
-from danube.model.io import save_model_dir
-from danube.schedule import StagePlan, format_plan, plan_stages
+from danube.model.io import check_state_dict, is_model_dir, save_model_dir, tokenizer_path
+from danube.schedule import StagePlan, format_mixture, format_plan, plan_stages
 from danube.tasks.common import (
     build_trainer,
     check_trainer_config,
@@ -93,27 +97,122 @@ def validate(cfg: DictConfig) -> list[StagePlan]:
     for p in plans:
         if p.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"stage {p.name}: seq_len={p.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    check_mixtures(cfg, plans)
     if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere
         check_trainer_config(cfg.trainer, cfg.precision)
+        if cfg.get("init_from"):
+            check_init_from(Path(cfg.init_from), model_cfg)
     return plans
+
+
+def source_names(cfg: DictConfig) -> list[str] | None:
+    """The data sources' names, read from the config alone (None if they are not given yet)."""
+    data = cfg.data
+    if data.kind == "sample":
+        return ["sample"]
+    if data.kind == "sample_sources":
+        from danube.data.sample import SOURCES
+
+        return list(SOURCES)
+    if data.kind != "shards":
+        raise ValueError(f"data.kind={data.kind!r}; allowed: sample, sample_sources, shards")
+    if OmegaConf.is_missing(data, "sources") or data.sources is None:
+        return None
+    if OmegaConf.is_dict(data.sources):
+        return [str(k) for k in data.sources.keys()]  # keys only: paths may still be ??? in a plan
+    return list(_named_dirs(_plain(data.sources)))
+
+
+def _plain(value):
+    """A config node as plain Python (a single directory is a plain string already)."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _named_dirs(sources: str | list[str]) -> dict[str, str]:
+    """A directory or a list of them, named after their last path component (as PretrainDataModule does)."""
+    from danube.data.pretrain import _source_dict
+
+    return {name: str(d) for name, d in _source_dict(sources).items()}
+
+
+def check_mixtures(cfg: DictConfig, plans: list[StagePlan]) -> None:
+    """``data.weights`` and every stage's ``weights`` must name exactly the data sources."""
+    names = source_names(cfg)
+    if names is None:
+        return
+    mixtures = [("data.weights", cfg.data.get("weights"))]
+    mixtures += [(f"recipe stage {p.name!r} weights", p.weights) for p in plans]
+    for where, weights in mixtures:
+        if not weights:
+            continue
+        weights = dict(weights)
+        unknown, missing = sorted(set(weights) - set(names)), sorted(set(names) - set(weights))
+        if unknown or missing:
+            raise ValueError(
+                f"{where} name {sorted(weights)} but the data sources (data={data_choice(cfg)}) are {names}: "
+                f"unknown {unknown}, missing {missing} (a source the stage does not use gets weight 0)"
+            )
+        if any(not isinstance(w, (int, float)) or w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"{where}: weights must be numbers >= 0 with a positive sum, got {weights}")
+
+
+def data_choice(cfg: DictConfig) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("data", "?") if HydraConfig.initialized() else str(cfg.data.kind)
+
+
+def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
+    """``init_from`` must be a model directory whose tensors have the configured model's shapes.
+
+    Only the safetensors header is read: a 1.8B directory is checked in milliseconds.
+    """
+    from safetensors import safe_open
+
+    from danube.model import build_model
+    from danube.model.io import WEIGHTS_FILE
+
+    if not is_model_dir(path):
+        raise FileNotFoundError(f"init_from={path}: not a danube model directory (config.yaml + model.safetensors)")
+    if tokenizer_path(path) is None:
+        raise FileNotFoundError(
+            f"init_from={path} has no tokenizer.model: the run cannot check that its data uses the model's tokenizer"
+        )
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    check_state_dict(build_model(model_cfg, device="meta"), shapes, f"init_from={path}")
+
+
+def check_init_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
+    """The data must be tokenized with the model directory's tokenizer (after `danube swap-tokenizer`)."""
+    theirs = Tokenizer(tokenizer_path(path))
+    if theirs.checksum != tokenizer.checksum:
+        raise ValueError(
+            f"init_from={path} was trained with the tokenizer {theirs.model_file} (sha256 {theirs.checksum[:12]}...) "
+            f"but this run's data uses {tokenizer.model_file} (sha256 {tokenizer.checksum[:12]}...): run "
+            f"`danube swap-tokenizer {path} {tokenizer.model_file} NEW_DIR` and start from NEW_DIR"
+        )
 
 
 def prepare_data(cfg: DictConfig) -> tuple[dict[str, str], dict[str, float] | None, Tokenizer]:
     """Sources, weights and tokenizer; the embedded sample is built on first use."""
     data = cfg.data
+    weights = OmegaConf.to_container(data.weights, resolve=True) if data.get("weights") else None
     if data.kind == "sample":
         from danube.data.sample import ensure_sample_data
 
         tok_path, shard_dir = ensure_sample_data(data.root, vocab_size=int(data.vocab_size))
-        return {"sample": str(shard_dir)}, None, Tokenizer(tok_path)
+        return {"sample": str(shard_dir)}, weights, Tokenizer(tok_path)
+    if data.kind == "sample_sources":
+        from danube.data.sample import ensure_sample_sources
+
+        tok_path, dirs = ensure_sample_sources(data.root, vocab_size=int(data.vocab_size))
+        return {name: str(d) for name, d in dirs.items()}, weights, Tokenizer(tok_path)
     if data.kind != "shards":
-        raise ValueError(f"data.kind={data.kind!r}; allowed: sample, shards")
-    sources = OmegaConf.to_container(data.sources, resolve=True)
-    if isinstance(sources, str):
-        sources = {Path(sources).name: sources}
-    elif isinstance(sources, list):
-        sources = {Path(s).name: s for s in sources}
-    weights = OmegaConf.to_container(data.weights, resolve=True) if data.get("weights") else None
+        raise ValueError(f"data.kind={data.kind!r}; allowed: sample, sample_sources, shards")
+    sources = _plain(data.sources)
+    if not isinstance(sources, dict):
+        sources = _named_dirs(sources)
     return sources, weights, Tokenizer(data.tokenizer)
 
 
@@ -133,6 +232,8 @@ def run(cfg: DictConfig) -> TrainResult | None:
             f"tokenizer {tokenizer.model_file} has {tokenizer.vocab_size} pieces but model.vocab_size="
             f"{model_cfg.vocab_size}: the embedding must cover every id"
         )
+    if cfg.get("init_from"):
+        check_init_tokenizer(Path(cfg.init_from), tokenizer)
     run_dir = resolve_run_dir(cfg)
     check_fresh_run_dir(cfg, run_dir)
     save_resolved_config(cfg, run_dir)
@@ -155,7 +256,7 @@ def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_dir: Path) -> tuple[str | None, str | None]:
-    """(ckpt_path to resume this stage from, checkpoint of the previous stage to start from)."""
+    """(ckpt_path to resume this stage from, what to start from: the previous stage's checkpoint or init_from)."""
     resume = str(cfg.resume)
     if resume not in RESUME_CHOICES:
         return resume, None
@@ -163,7 +264,7 @@ def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_di
     if resume == "auto" and last.is_file():
         return str(last), None
     if plan.index == 0:
-        return None, None
+        return None, (str(cfg.init_from) if cfg.get("init_from") else None)
     prev = plans[plan.index - 1]
     final = run_dir / prev.name / "final.ckpt"
     if not final.is_file():
@@ -187,6 +288,9 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
     log.info("stage %s: seq_len %d, %s tokens, %d steps, micro-batch %d x %d accumulation%s", plan.name,
              plan.seq_len, f"{plan.tokens:,}", plan.steps, plan.micro_batch_size, plan.grad_accum,
              f", resuming {ckpt_path}" if ckpt_path else (f", from {init_from}" if init_from else ""))
+    if plan.weights is not None:
+        weights = plan.weights
+    log.info("stage %s mixture: %s", plan.name, format_mixture(weights) if weights else "proportional to tokens")
     datamodule = PretrainDataModule(
         sources=sources, weights=weights, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
         seed=int(cfg.seed) + plan.index, num_workers=int(cfg.data.num_workers),
