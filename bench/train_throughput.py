@@ -249,6 +249,15 @@ def run_case(args, name: str, seq_len: int, precision: str, attention: str, peak
     for r in range(args.repeats):
         for s in (sides if r % 2 == 0 else sides[::-1]):
             times[s.name].append(benchlib.timed(s.step, device))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for s in sides:
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+                s.step()
+            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"\n{name} seq {seq_len} {precision} {attention}: {s.name} step, top ops by self time")
+            print(prof.key_averages().table(sort_by=sort, row_limit=args.profile))
     # Each round times both sides back to back, so the ratio of a round compares like with like;
     # its median over rounds is the figure (robust to another job starting mid-run).
     pair_ratio = None
@@ -295,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-fused-adamw", action="store_true", help="transformers side with fused AdamW too")
     parser.add_argument("--no-hf", action="store_true", help="danube only (e.g. when both do not fit in memory)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N most expensive ops of one step of each side (torch.profiler)")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
