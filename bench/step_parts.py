@@ -6,7 +6,7 @@
   and danube's chunked loss with gradients formed in the forward pass;
 * AdamW over ~100M parameters: torch's default (per-tensor loop on CPU), ``foreach``, ``fused``;
 * sliding-window attention with T > window through SDPA: a 3-D boolean mask (math path on
-  CPU), a 4-D boolean mask, and the 4-D additive float mask danube uses.
+  CPU), the 4-D boolean mask danube uses, and a 4-D additive float mask.
 
 Variants of one part alternate within each round; the table shows medians.
 
@@ -81,8 +81,8 @@ def attention_variants(batch: int, heads: int, kv_heads: int, t: int, d: int, wi
     pos = torch.arange(t)
     diff = pos[:, None] - pos[None]
     allowed = (diff >= 0) & (diff < window)
-    masks = {"3-D bool mask (before)": allowed[None], "4-D bool mask": allowed[None, None],
-             "4-D float mask (danube)": torch.zeros(t, t).masked_fill(~allowed, float("-inf"))[None, None]}
+    masks = {"3-D bool mask (before)": allowed[None], "4-D bool mask (danube)": allowed[None, None],
+             "4-D additive float mask": torch.zeros(t, t).masked_fill(~allowed, float("-inf"))[None, None]}
 
     def run(mask):
         def call():

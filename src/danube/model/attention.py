@@ -61,16 +61,14 @@ def build_mask(
 
 
 @functools.lru_cache(maxsize=8)
-def _band_mask(t: int, window: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Additive band mask ``(1, 1, T, T)``: 0 where a query may attend, -inf elsewhere.
+def _band_mask(t: int, window: int, device: torch.device) -> Tensor:
+    """Boolean band mask ``(1, 1, T, T)``: broadcasts over batch and heads.
 
-    Four dimensions and a float mask keep SDPA on its fused CPU kernel: a 3-D mask sends it
-    to the math path (scores materialised), and a boolean one is converted on every call.
-    The diagonal is always allowed, so no row is all -inf.
+    Four dimensions keep SDPA on its fused CPU kernel; a 3-D mask sends it to the math
+    path (scores materialised), ~1.9x slower for the tiny model (bench/step_parts.py).
     """
     pos = torch.arange(t, device=device)[None]
-    allowed = build_mask(pos, pos, window)  # (1, 1, T, T): broadcasts over batch and heads
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return build_mask(pos, pos, window)
 
 
 def sdpa_attention(
@@ -90,8 +88,7 @@ def sdpa_attention(
     if q_pos is None and q_seg is None and tq == tk:
         if window is None or tq <= window:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_band_mask(tq, window, q.device, q.dtype),
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_band_mask(tq, window, q.device), enable_gqa=gqa)
     mask = None if memo is None else memo.get("mask")
     if mask is None:
         if q_pos is None:
