@@ -62,8 +62,13 @@ def build_mask(
 
 @functools.lru_cache(maxsize=8)
 def _band_mask(t: int, window: int, device: torch.device) -> Tensor:
+    """Boolean band mask ``(1, 1, T, T)``: broadcasts over batch and heads.
+
+    Four dimensions keep SDPA on its fused CPU kernel; a 3-D mask sends it to the math
+    path (scores materialised), ~1.9x slower for the tiny model (bench/step_parts.py).
+    """
     pos = torch.arange(t, device=device)[None]
-    return build_mask(pos, pos, window)[0]  # (1, T, T): broadcasts over batch and heads
+    return build_mask(pos, pos, window)
 
 
 def sdpa_attention(

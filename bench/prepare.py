@@ -1,0 +1,100 @@
+"""Preparation: megabytes of text per second into token shards with ``danube.data.prepare.prepare``.
+
+Input is the embedded sample corpus (``data/sample/corpus.jsonl``, built on first use as
+``python train.py`` does) written ``--copies`` times into a temporary folder, as JSONL and
+as plain text (documents separated by blank lines), tokenized with the sample's 4,096-piece
+SentencePiece model. MB/s counts input bytes over the whole call (planning, tokenizing,
+writing shards and manifest).
+
+    python bench/prepare.py                 # 4 copies (~21 MB), 1 and 2 workers, jsonl and txt
+    python bench/prepare.py --quick         # 1 copy, jsonl, < 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+from danube.data.prepare import prepare
+
+log = logging.getLogger("bench.prepare")
+
+
+def make_inputs(corpus: Path, folder: Path, copies: int, fmt: str) -> list[Path]:
+    """``copies`` files of the sample corpus in ``fmt`` (jsonl or txt)."""
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    if fmt == "jsonl":
+        content = "\n".join(lines) + "\n"
+    else:  # one document per paragraph group; blank lines inside documents would split them, so squeeze them
+        docs = [json.loads(line)["text"] for line in lines]
+        content = "\n\n".join("\n".join(x for x in d.splitlines() if x.strip()) for d in docs) + "\n"
+    files = []
+    for i in range(copies):
+        path = folder / f"part{i:03d}.{fmt}"
+        path.write_text(content, encoding="utf-8")
+        files.append(path)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=os.environ.get("DANUBE_HOME", ".") + "/data/sample",
+                        help="where the embedded sample is built (default: data/sample, as train.py)")
+    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--format", nargs="+", default=["jsonl", "txt"], choices=["jsonl", "txt"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 copy, jsonl, 2 repeats")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if args.quick:
+        args.copies, args.format, args.repeats = 1, ["jsonl"], 2
+    from danube.data.sample import CORPUS, ensure_sample_data
+
+    tokenizer, _ = ensure_sample_data(args.data_root, vocab_size=4096)
+    corpus = Path(args.data_root) / CORPUS
+    header = ["format", "input MB", "workers", "seconds", "MB/s", "tokens", "tokens/s"]
+    rows, best = [], 0.0
+    work = Path(tempfile.mkdtemp(prefix="danube-bench-prepare-"))
+    try:
+        for fmt, workers in itertools.product(args.format, args.workers):
+            folder = work / f"in-{fmt}"
+            if not folder.is_dir():
+                folder.mkdir()
+                make_inputs(corpus, folder, args.copies, fmt)
+            mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+            seconds, tokens = [], 0
+            for r in range(args.repeats):
+                out = work / f"out-{fmt}-{workers}-{r}"
+                start = time.perf_counter()
+                manifest = prepare([folder], out, tokenizer, num_workers=workers, chunk_bytes="64MB")
+                seconds.append(time.perf_counter() - start)
+                tokens = manifest["totals"]["train"]["tokens"] + manifest["totals"]["val"]["tokens"]
+                shutil.rmtree(out)
+            s = benchlib.median(seconds)
+            best = max(best, mb / s)
+            rows.append([fmt, f"{mb:.1f}", workers, f"{s:.2f}", f"{mb / s:.2f}", f"{tokens:,}", f"{tokens / s:,.0f}"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(benchlib.text_table(header, rows))
+    if not args.no_write:
+        body = (benchlib.markdown_table(header, rows) + f"\n\nInput: the embedded sample corpus x{args.copies}, "
+                f"4,096-piece SentencePiece tokenizer. Median of {args.repeats} runs of the whole `prepare` call.\n")
+        path = benchlib.write_section("prepare_quick" if args.quick else "prepare", "Preparing shards", body)
+        print(f"wrote {path.relative_to(benchlib.REPO)}")
+    print(f"mb_per_sec={best:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The parts of the training step that danube does differently, each timed against the alternatives.
+
+* cross-entropy over a 32k vocabulary (``lm_head`` matmul included, forward + backward):
+  plain ``F.cross_entropy(F.linear(...))`` (what transformers does), the previous chunked
+  loss that recomputed each chunk's logits in the backward pass (activation checkpointing),
+  and danube's chunked loss with gradients formed in the forward pass;
+* AdamW over ~100M parameters: torch's default (per-tensor loop on CPU), ``foreach``, ``fused``;
+* sliding-window attention with T > window through SDPA: a 3-D boolean mask (math path on
+  CPU), the 4-D boolean mask danube uses, and a 4-D additive float mask.
+
+Variants of one part alternate within each round; the table shows medians.
+
+    python bench/step_parts.py            # writes its section of BENCHMARKS.md
+    python bench/step_parts.py --quick    # smaller shapes, fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import benchlib
+from danube.lit.pretrain import chunked_cross_entropy
+
+
+def _ce_sum(h, w, t):
+    return F.cross_entropy(F.linear(h, w).float(), t, reduction="sum", ignore_index=-100)
+
+
+def ce_variants(tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, tokens, hidden, generator=g).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.02).requires_grad_()
+    t = torch.randint(0, vocab, (1, tokens), generator=g)
+
+    def plain():
+        F.cross_entropy(F.linear(h, w).flatten(0, 1), t.flatten()).backward()
+
+    def recompute():  # the loss before this change: checkpointed chunks
+        hh, tt = h.flatten(0, 1), t.flatten()
+        total = sum(checkpoint(_ce_sum, a, w, b, use_reentrant=False) for a, b in zip(hh.split(chunk), tt.split(chunk)))
+        (total / tt.numel()).backward()
+
+    def fused():
+        chunked_cross_entropy(h, w, t, chunk).backward()
+
+    def run(fn):
+        def call():
+            h.grad = w.grad = None
+            fn()
+        return call
+
+    return {"plain (transformers)": run(plain), f"chunks of {chunk}, recomputed": run(recompute),
+            f"chunks of {chunk}, gradients in forward (danube)": run(fused)}
+
+
+def adamw_variants(n_params: int) -> dict:
+    rows = 2048
+    shapes = [(32_000, 768)] * 2
+    left = n_params - sum(a * b for a, b in shapes)
+    shapes += [(rows, 768)] * max(1, left // (rows * 768))
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    kw = dict(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opts = {"default (transformers side)": torch.optim.AdamW(params, **kw),
+            "foreach": torch.optim.AdamW(params, foreach=True, **kw),
+            "fused (danube)": torch.optim.AdamW(params, fused=True, **kw)}
+    return {k: o.step for k, o in opts.items()}
+
+
+def attention_variants(batch: int, heads: int, kv_heads: int, t: int, d: int, window: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, t, d, generator=g).requires_grad_()
+    k = torch.randn(batch, kv_heads, t, d, generator=g).requires_grad_()
+    v = torch.randn(batch, kv_heads, t, d, generator=g).requires_grad_()
+    pos = torch.arange(t)
+    diff = pos[:, None] - pos[None]
+    allowed = (diff >= 0) & (diff < window)
+    masks = {"3-D bool mask (before)": allowed[None], "4-D bool mask (danube)": allowed[None, None],
+             "4-D additive float mask": torch.zeros(t, t).masked_fill(~allowed, float("-inf"))[None, None]}
+
+    def run(mask):
+        def call():
+            q.grad = k.grad = v.grad = None
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).sum().backward()
+        return call
+
+    return {k_: run(m) for k_, m in masks.items()}
+
+
+def measure(variants: dict, rounds: int) -> dict[str, float]:
+    names = list(variants)
+    for fn in variants.values():
+        fn()  # warm-up
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(benchlib.timed(variants[n]))
+    return {n: benchlib.median(v) * 1e3 for n, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = 3
+    scale = 4 if args.quick else 1
+    parts = [
+        (f"cross-entropy, {4096 // scale:,} tokens x 768 -> 32,000", ce_variants(4096 // scale, 768, 32_000, 1024 // scale)),
+        (f"AdamW step, ~{100 // scale}M parameters", adamw_variants(100_000_000 // scale)),
+        ("attention fwd+bwd, 8x8 heads (2 KV), T 256, window 64 (tiny)", attention_variants(8, 8, 2, 256, 32, 64)),
+    ]
+    header = ["part", "variant", "ms", "vs first"]
+    rows = []
+    for part, variants in parts:
+        ms = measure(variants, args.rounds)
+        first = next(iter(ms.values()))
+        for name, value in ms.items():
+            rows.append([part, name, f"{value:.1f}", f"{first / value:.2f}x"])
+    print(benchlib.text_table(header, rows))
+    if not args.no_write:
+        body = (benchlib.markdown_table(header, rows) + f"\n\nfp32, CPU. Median of {args.rounds} rounds; "
+                "*vs first*: the first variant's time over this one's (> 1: faster).\n")
+        path = benchlib.write_section("step_parts_quick" if args.quick else "step_parts", "Parts of the training step", body)
+        print(f"wrote {path.relative_to(benchlib.REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

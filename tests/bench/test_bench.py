@@ -1,0 +1,82 @@
+"""The benchmark scripts run as a user runs them and report parseable figures (never timings checked)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+
+def run(script, *args, cwd=REPO, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def last_line(proc) -> str:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_train_throughput_quick_ends_with_the_ratio():
+    proc = run("train_throughput.py", "--quick", "--no-write")
+    m = re.fullmatch(r"ratio_vs_hf=(\d+\.\d+)", last_line(proc))
+    assert m and float(m.group(1)) > 0
+    assert "transformers" in proc.stdout and "danube" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_gpu_options_fail_clearly_without_cuda():
+    options = ["--model", "danube_1p8b", "--precision", "bf16", "--attention", "flash"]
+    proc = run("train_throughput.py", *options, "--no-write")
+    assert proc.returncode != 0
+    assert "need(s) a CUDA GPU" in proc.stderr
+    for flag in ("--model danube_1p8b", "--precision bf16", "--attention flash"):
+        assert flag in proc.stderr
+
+
+def test_data_loading_reports_tokens_per_second(tmp_path, sp_model):
+    from danube.data.prepare import prepare
+    from tests.conftest import corpus_lines
+
+    (tmp_path / "docs.txt").write_text("\n\n".join(corpus_lines(200)))
+    prepare([tmp_path / "docs.txt"], tmp_path / "shards", sp_model, num_workers=1, chunk_bytes="64KB")
+    proc = run("data_loading.py", "--shards", str(tmp_path / "shards"), "--seq-len", "64", "--micro-batch", "4",
+               "--workers", "0", "--sources", "1", "2", "--repeats", "1", "--no-write")
+    assert re.fullmatch(r"tokens_per_sec=\d+", last_line(proc))
+    assert len(re.findall(r"^64 +4 +[12] +0 ", proc.stdout, re.M)) == 2  # one row per source count
+
+
+def test_generation_agrees_with_transformers_and_reports_the_ratio():
+    proc = run("generation.py", "--model", "tiny", "--batch", "2", "--new-tokens", "4", "--repeats", "1",
+               "--no-write")
+    assert re.fullmatch(r"ratio_vs_hf=\d+\.\d+", last_line(proc))
+    assert proc.stdout.count(" 2/2 ") == 2  # both rows: greedy tokens equal transformers'
+
+
+def test_prepare_reports_megabytes_per_second(tmp_path):
+    proc = run("prepare.py", "--quick", "--workers", "1", "--repeats", "1", "--no-write",
+               "--data-root", str(tmp_path / "sample"))
+    assert re.fullmatch(r"mb_per_sec=\d+\.\d+", last_line(proc))
+
+
+def test_a_section_is_replaced_and_the_others_kept(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import benchlib
+
+    path = tmp_path / "BENCHMARKS.md"
+    benchlib.write_section("a", "A", "| x |\n|---|\n| 1 |", path)
+    benchlib.write_section("b", "B", "second", path)
+    benchlib.write_section("a", "A", "| x |\n|---|\n| 2 |", path)
+    text = path.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "| 2 |" in text and "| 1 |" not in text and "second" in text
+    assert text.count("<!-- bench:a -->") == 1 and text.index("bench:a") < text.index("bench:b")
+    assert "- machine: " in text and "torch " + torch.__version__ in text
