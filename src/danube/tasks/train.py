@@ -311,7 +311,7 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
         # Validation runs every val_every_n_steps; a stage's last step need not be one of
         # them, and its val loss is the one that matters (Figure 1, a sweep's objective).
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(stage_dir / "final.ckpt")
+    trainer.save_checkpoint(stage_dir / "final.ckpt", weights_only=False)  # optimizer too: the next stage continues it
     if trainer.is_global_zero:
         save_model_dir(module.model, model_dir, tokenizer=tokenizer.model_file)
     val = trainer.callback_metrics.get("val/loss")
