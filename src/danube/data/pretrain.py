@@ -196,7 +196,8 @@ class PretrainDataModule(L.LightningDataModule):
         weights: Mixture weights per source name (normalised); default: proportional to the
             training tokens in each manifest.
         seed: Seed of litdata's chunk/block shuffling and of the mixture sampler.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes for a single source and for validation (a
+            mixture reads its blocks in the training process, which measured faster).
         shuffle: Shuffle training blocks (validation is never shuffled).
         tokenizer_checksum: sha256 of the model's tokenizer; sources made with another are refused.
         val_batches: Validation batches per evaluation (None: all of the val splits).
@@ -323,10 +324,14 @@ class PretrainDataModule(L.LightningDataModule):
             self._train_loader = loader_cls(streams[0], batch_size=self.micro_batch_size, num_workers=self.num_workers,
                                             pin_memory=pin, drop_last=True)
         else:
-            # Workers shared out by weight: a 5% source needs few, but each needs one to overlap I/O.
-            total = sum(weights)
-            workers = [max(1, round(self.num_workers * w / total)) if self.num_workers else 0 for w in weights]
-            loaders = [loader_cls(s, batch_size=1, num_workers=n, pin_memory=pin) for s, n in zip(streams, workers)]
+            # Each source's blocks are read in this process: a mixture draws one block at a time
+            # from each source, and handing single blocks over a worker queue capped it at ~2.6M
+            # tokens/s against ~78M in-process (bench/data_loading.py, BENCHMARKS.md). litdata
+            # still fetches chunks in its own background thread.
+            if self.num_workers:
+                log.info("mixture of %d sources: blocks are read in the training process (num_workers=%d unused)",
+                         len(streams), self.num_workers)
+            loaders = [loader_cls(s, batch_size=1, num_workers=0, pin_memory=pin) for s in streams]
             self._train_loader = _Mixture(loaders, ids, weights, self.micro_batch_size, self.seed)
         if self._pending_state:
             self._train_loader.load_state_dict(self._pending_state)
