@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -103,7 +101,7 @@ def read_meta(path: str | Path, kind: str | None = None) -> dict[str, Any]:
 
 def write_dir(path: str | Path, meta: dict[str, Any], write_files: Callable[[Path], None]) -> Path:
     """Write a classifier directory atomically: ``write_files(tmp)`` then the metadata, then rename."""
-    from danube.model.io import replace_dir
+    from danube.model.io import atomic_dir
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -111,15 +109,9 @@ def write_dir(path: str | Path, meta: dict[str, Any], write_files: Callable[[Pat
     if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).is_file():
         raise FileExistsError(f"{path} is a non-empty directory that is not a quality classifier; "
                               "refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         write_files(tmp)
         (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
