@@ -53,27 +53,6 @@ def objective(result: TrainResult | None) -> float | None:
     return float(value)
 
 
-def with_logged_val_loss(cfg: DictConfig, result: TrainResult | None) -> TrainResult | None:
-    """Fill a missing final validation loss from the last stage's TensorBoard scalars.
-
-    A stage resumed after its last validation returns none from the Trainer, though the
-    run logged one before it stopped; the sweep should see that one, not ``inf``.
-    """
-    if result is None or result.final_val_loss is not None:
-        return result
-    from dataclasses import replace
-
-    from danube.tasks.train import logged_losses, selected_stages, stage_plans
-
-    last = selected_stages(cfg, stage_plans(cfg))[-1]
-    train, val = logged_losses(result.run_dir, last)
-    if val is None:
-        return result
-    log.info("run %s: final validation loss %.4f taken from stage %s's logs", result.run_dir, val, last.name)
-    return replace(result, final_val_loss=val,
-                   final_train_loss=result.final_train_loss if result.final_train_loss is not None else train)
-
-
 def check_multirun_job(cfg: DictConfig) -> None:
     """In a multirun, refuse the settings that would make jobs share or break their runs."""
     from danube.tasks.common import hydra_mode_is_multirun, world_size
@@ -102,12 +81,12 @@ def train_objective(cfg: DictConfig) -> float | None:
 
     check_multirun_job(cfg)
     if not hydra_mode_is_multirun():
-        return objective(with_logged_val_loss(cfg, run(cfg)))
+        return objective(run(cfg))
     from hydra.core.hydra_config import HydraConfig
 
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = with_logged_val_loss(cfg, run(cfg))
+        result = run(cfg)
     except Exception as err:
         log.error("job %s failed:\n%s", job_dir, traceback.format_exc())
         write_json(job_dir / RESULT_FILE, {"status": "failed", "error": f"{type(err).__name__}: {err}"})

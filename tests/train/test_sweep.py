@@ -35,19 +35,6 @@ def test_objective_is_the_final_val_loss_and_inf_when_missing_or_diverged(caplog
     assert "returned no validation loss" in caplog.text and "diverged" in caplog.text
 
 
-def test_a_missing_val_loss_is_taken_from_the_last_stage_logs(tmp_path):
-    from danube.sweep import with_logged_val_loss
-
-    cfg = compose_train(["debug=fast"])  # seq64: tokens 0 -> 40,960, seq128: -> 65,536
-    result = TrainResult(tmp_path, tmp_path / "model", 65536, None, None)
-    _scalars(tmp_path, {"val/loss": [(20480, 7.0)], "train/loss": [(65536, 6.5)]})
-    assert objective(with_logged_val_loss(cfg, result)) == math.inf  # only the first stage validated
-    _scalars(tmp_path, {"val/loss": [(61440, 6.75)]})
-    filled = with_logged_val_loss(cfg, result)
-    assert (filled.final_val_loss, filled.final_train_loss) == (6.75, 6.5)
-    assert with_logged_val_loss(cfg, _result(3.0)).final_val_loss == 3.0  # the Trainer's own value wins
-
-
 def test_multirun_refuses_a_shared_run_dir_and_several_devices(monkeypatch):
     import danube.tasks.common as common
 
