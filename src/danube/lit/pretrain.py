@@ -312,15 +312,12 @@ class PretrainModule(L.LightningModule):
         """A model directory's weights (every parameter, shapes checked); optimizer and counters start afresh."""
         from safetensors.torch import load_file
 
-        from danube.model.io import WEIGHTS_FILE
+        from danube.model.io import WEIGHTS_FILE, check_state_dict
 
         state = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")
-        # Not strict: Transformer Engine layers (fp8) add `_extra_state` entries a model directory does not hold.
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
-        missing = [k for k in missing if not k.endswith("._extra_state") and k not in tied]
-        if missing or unexpected:
-            raise ValueError(f"init_from={path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        check_state_dict(self.model, state, f"init_from={path}")
+        # Not strict: TE's `_extra_state` and a tied lm_head are not in the file (checked just above).
+        self.model.load_state_dict(state, strict=False)
         log.info("started from the weights of model directory %s (fresh optimizer, 0 tokens)", path)
 
     def _start_from_previous_stage(self, path: str) -> None:

@@ -36,7 +36,8 @@ TOKENIZER_FILE = "tokenizer.model"
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise a clear error if ``state`` does not fit ``model`` exactly (names and shapes)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Transformer Engine layers (fp8) keep scaling metadata as `_extra_state`: never in a file.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
     if getattr(model, "cfg", None) is not None and model.cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
