@@ -109,3 +109,18 @@ def test_cuda_segments_match_reference(backend):
     out = attention(*(x.cuda().bfloat16() for x in (q, k, v)), window=16, backend=backend,
                     q_pos=pos.cuda(), k_pos=pos.cuda(), q_seg=seg.cuda(), k_seg=seg.cuda())
     torch.testing.assert_close(out.cpu().double(), reference(q, k, v, 16, pos, pos, seg, seg), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("t,window", [(200, 16), (130, 64), (97, 24), (33, 32)])
+def test_windowed_blocks_match_the_full_band_mask_with_gradients(t, window):
+    """Query blocks with a ragged last block, several blocks touching the front padding."""
+    from danube.model.attention import build_mask, windowed_sdpa
+
+    q, k, v = (x.double().requires_grad_() for x in qkv(b=2, h=4, hkv=2, t=t, d=8))
+    pos = torch.arange(t)[None]
+    full = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=build_mask(pos, pos, window), enable_gqa=True)
+    blocked = windowed_sdpa(q, k, v, window)
+    torch.testing.assert_close(blocked, full)
+    g = torch.randn_like(full)
+    torch.testing.assert_close(torch.autograd.grad(blocked, (q, k, v), g), torch.autograd.grad(full, (q, k, v), g))
