@@ -42,14 +42,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
             logits = (h @ weight.T).float()  # (n, V)
-            keep = t != -100
+            keep = (t != -100).unsqueeze(1)  # (n, 1)
             safe = t.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (n, 1)
-            total += ((lse - logits.gather(1, safe)).squeeze(1) * keep).sum()
+            target_logit = logits.gather(1, safe)
+            # logsumexp by hand so that its exp is the softmax's too: one pass fewer over
+            # the chunk than torch.logsumexp followed by exp(logits - lse).
+            peak = logits.amax(1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # in place: unnormalised softmax
+            norm = probs.sum(1, keepdim=True)
+            total += ((norm.log() + peak - target_logit) * keep).sum()
             if need_grad:
-                probs = logits.sub_(lse).exp_()  # in place: the chunk's softmax
-                probs.scatter_add_(1, safe, -keep.to(probs.dtype).unsqueeze(1))
-                probs.mul_(keep.unsqueeze(1))  # ignored positions contribute nothing
+                probs.mul_(keep / norm)  # softmax; ignored positions contribute nothing
+                probs.scatter_add_(1, safe, -keep.to(probs.dtype))  # minus one-hot
                 g = probs.to(hidden.dtype)
                 torch.mm(g, weight, out=grad_hidden[start : start + chunk_tokens])
                 if g.dtype == torch.float32:
