@@ -5,8 +5,9 @@
   loss that recomputed each chunk's logits in the backward pass (activation checkpointing),
   and danube's chunked loss with gradients formed in the forward pass;
 * AdamW over ~100M parameters: torch's default (per-tensor loop on CPU), ``foreach``, ``fused``;
-* sliding-window attention with T > window through SDPA: a 3-D boolean mask (math path on
-  CPU), the 4-D boolean mask danube uses, and a 4-D additive float mask.
+* sliding-window attention with T > window through SDPA: the window as a full (T, T)
+  mask, 3-D (SDPA's math path on CPU) and 4-D (its fused kernel), against danube's query
+  blocks (``windowed_sdpa``) at several block sizes.
 
 Variants of one part alternate within each round; the table shows medians.
 
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 import benchlib
 from danube.lit.pretrain import chunked_cross_entropy
+from danube.model.attention import query_block, windowed_sdpa
 
 
 def _ce_sum(h, w, t):
@@ -74,6 +76,7 @@ def adamw_variants(n_params: int) -> dict:
 
 
 def attention_variants(batch: int, heads: int, kv_heads: int, t: int, d: int, window: int) -> dict:
+    """SDPA with the window as a full (T, T) mask, against query blocks of several sizes."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, t, d, generator=g).requires_grad_()
     k = torch.randn(batch, kv_heads, t, d, generator=g).requires_grad_()
@@ -81,16 +84,24 @@ def attention_variants(batch: int, heads: int, kv_heads: int, t: int, d: int, wi
     pos = torch.arange(t)
     diff = pos[:, None] - pos[None]
     allowed = (diff >= 0) & (diff < window)
-    masks = {"3-D bool mask (before)": allowed[None], "4-D bool mask (danube)": allowed[None, None],
-             "4-D additive float mask": torch.zeros(t, t).masked_fill(~allowed, float("-inf"))[None, None]}
 
-    def run(mask):
+    def run(fn):
         def call():
             q.grad = k.grad = v.grad = None
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).sum().backward()
+            fn().sum().backward()
         return call
 
-    return {k_: run(m) for k_, m in masks.items()}
+    variants = {
+        "3-D bool mask (first version)": run(lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[None], enable_gqa=True)),
+        "4-D bool mask (before)": run(lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[None, None], enable_gqa=True)),
+    }
+    chosen = query_block(window)
+    for block in sorted({16, 32, 64, 128, chosen}):
+        label = f"query blocks of {block}" + (" (danube)" if block == chosen else "")
+        variants[label] = run(lambda block=block: windowed_sdpa(q, k, v, window, block))
+    return variants
 
 
 def measure(variants: dict, rounds: int) -> dict[str, float]:
@@ -117,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"cross-entropy, {4096 // scale:,} tokens x 768 -> 32,000", ce_variants(4096 // scale, 768, 32_000, 1024 // scale)),
         (f"AdamW step, ~{100 // scale}M parameters", adamw_variants(100_000_000 // scale)),
         ("attention fwd+bwd, 8x8 heads (2 KV), T 256, window 64 (tiny)", attention_variants(8, 8, 2, 256, 32, 64)),
+        (f"attention fwd+bwd, 1x16 heads (4 KV) x 64, T {2048 // scale}, window {512 // scale}",
+         attention_variants(1, 16, 4, 2048 // scale, 64, 512 // scale)),
     ]
     header = ["part", "variant", "ms", "vs first"]
     rows = []
