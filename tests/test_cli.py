@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers
 
@@ -28,3 +29,19 @@ def test_console_script_lists_commands():
     assert "import-hf" in out.stdout and "export-hf" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "danube.cli", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+def test_bad_input_is_one_line_naming_it_and_exit_code_1(tmp_path, capsys, monkeypatch):
+    """Every command's ValueError/OSError ends as `danube NAME: error: ...`, not a traceback."""
+    missing = tmp_path / "no-such-hf-dir"
+    assert main(["import-hf", str(missing), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"danube import-hf: error: {missing}") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.yaml").write_text("n_embd: [not, a, number]\n")
+    assert main(["export-hf", str(tmp_path / "model"), str(tmp_path / "hf")]) == 1
+    assert "config.yaml" in capsys.readouterr().err
+    monkeypatch.setenv("DANUBE_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        main(["import-hf", str(missing), str(tmp_path / "out")])

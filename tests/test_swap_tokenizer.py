@@ -103,9 +103,10 @@ def test_errors_name_what_is_wrong_and_leave_outputs_alone(old_model_dir, code_t
         swap_tokenizer(tmp_path / "small", code_tokenizer, tmp_path / "out")
     with pytest.raises(FileExistsError, match="is the input model directory"):
         swap_tokenizer(old_model_dir, code_tokenizer, old_model_dir, overwrite=True)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["swap-tokenizer", str(old_model_dir), str(code_tokenizer), str(old_model_dir)])
-    assert exit_info.value.code == 2 and "refusing to overwrite" in capsys.readouterr().err
+    assert main(["swap-tokenizer", str(old_model_dir), str(code_tokenizer), str(old_model_dir)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["swap-tokenizer", str(tmp_path / "small"), str(code_tokenizer), str(tmp_path / "out")]) == 1
+    assert "vocab_size is 500" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
     out = tmp_path / "out"
     swap_tokenizer(old_model_dir, code_tokenizer, out)

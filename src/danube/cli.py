@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 # name -> ("module:function", one-line help). Each function takes argv (list[str]) and
-# returns an exit code; it builds its own argparse parser with prog="danube NAME".
+# returns an exit code; it builds its own argparse parser with prog="danube NAME". Bad input
+# is raised as ValueError (or OSError for files) with a message naming what and where;
+# main() turns it into one line on stderr and exit code 1.
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("danube.hf:import_hf_main", "convert a Hugging Face Llama/Mistral directory to a danube model directory"),
     "export-hf": ("danube.hf:export_hf_main", "convert a danube model directory to a Hugging Face directory"),
@@ -41,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)
     module, func = COMMANDS[name][0].split(":")
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    command = getattr(importlib.import_module(module), func)
+    try:
+        return int(command(rest) or 0)
+    except (ValueError, OSError) as err:
+        if os.environ.get("DANUBE_TRACEBACK"):
+            raise
+        print(f"danube {name}: error: {err}\n(set DANUBE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

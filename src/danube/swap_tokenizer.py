@@ -146,10 +146,7 @@ def swap_tokenizer_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the new pieces' initialisation (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     args = parser.parse_args(argv)
-    try:
-        r = swap_tokenizer(args.model_dir, args.new_tokenizer, args.out_dir, seed=args.seed, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        parser.exit(2, f"danube swap-tokenizer: error: {err}\n")
+    r = swap_tokenizer(args.model_dir, args.new_tokenizer, args.out_dir, seed=args.seed, overwrite=args.overwrite)
     print(f"shared {r.shared:,} pieces (rows moved to their new ids), new {r.new:,} (initialised as the model's init), "
           f"dropped {r.dropped:,}; vocab_size {r.old_vocab_size:,} -> {r.new_vocab_size:,}; wrote {r.out_dir}")
     return 0

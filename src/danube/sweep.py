@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,11 +374,7 @@ def sweep_report_main(argv: list[str]) -> int:
     parser.add_argument("multirun_dir", help="the sweep's directory, e.g. runs/multirun/2026-11-23_09-30-00")
     parser.add_argument("--no-tensorboard", action="store_true", help="skip writing TensorBoard hparams")
     args = parser.parse_args(argv)
-    try:
-        jobs, written = sweep_report(args.multirun_dir, tensorboard=not args.no_tensorboard)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"danube sweep-report: {err}", file=sys.stderr)
-        return 2
+    jobs, written = sweep_report(args.multirun_dir, tensorboard=not args.no_tensorboard)
     print(written["markdown"].read_text())
     for what, path in written.items():
         print(f"wrote {what}: {path}")

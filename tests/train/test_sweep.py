@@ -172,9 +172,9 @@ def test_report_writes_tensorboard_hparams_once(fake_multirun):
 
 
 def test_report_cli_refuses_what_is_not_a_multirun(fake_multirun, tmp_path, capsys):
-    assert cli_main(["sweep-report", str(fake_multirun / "0")]) == 2
+    assert cli_main(["sweep-report", str(fake_multirun / "0")]) == 1
     assert "not a Hydra multirun directory" in capsys.readouterr().err
-    assert cli_main(["sweep-report", str(tmp_path / "nope")]) == 2
+    assert cli_main(["sweep-report", str(tmp_path / "nope")]) == 1
     with pytest.raises(FileNotFoundError, match="give its parent"):
         find_jobs(fake_multirun / "0")
     assert not (fake_multirun / "0" / "sweep.md").exists()

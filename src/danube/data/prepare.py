@@ -560,12 +560,8 @@ def prepare_main(argv: list[str]) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
-    try:
-        m = prepare(args.inputs, args.output, args.tokenizer, args.text_field, args.val_fraction, args.workers,
-                    args.chunk_bytes, args.skip_bad, args.seed, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"danube prepare: error: {err}", file=sys.stderr)
-        return 1
+    m = prepare(args.inputs, args.output, args.tokenizer, args.text_field, args.val_fraction, args.workers,
+                args.chunk_bytes, args.skip_bad, args.seed, args.overwrite)
     t = m["totals"]
     print(f"train: {t['train']['tokens']:,} tokens in {t['train']['documents']:,} documents")
     print(f"val:   {t['val']['tokens']:,} tokens in {t['val']['documents']:,} documents")

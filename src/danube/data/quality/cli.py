@@ -47,18 +47,14 @@ def _filter(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="documents scored together")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = p.parse_args(argv)
-    try:
-        if args.no_heuristics and (args.rules or args.rule):
-            raise ValueError("--rules/--rule given with --no-heuristics")
-        rules = None if args.no_heuristics else HeuristicRules.load(args.rules, args.rule)
-        report = filter_documents(
-            args.inputs, args.output, args.text_field, rules, args.gbm, args.gbm_threshold, args.transformer,
-            args.transformer_threshold, args.rejected, args.tokenizer, args.shards, args.val_fraction, args.workers,
-            args.batch_size, args.hf_label, args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"danube quality filter: error: {err}", file=sys.stderr)
-        return 1
+    if args.no_heuristics and (args.rules or args.rule):
+        raise ValueError("--rules/--rule given with --no-heuristics")
+    rules = None if args.no_heuristics else HeuristicRules.load(args.rules, args.rule)
+    report = filter_documents(
+        args.inputs, args.output, args.text_field, rules, args.gbm, args.gbm_threshold, args.transformer,
+        args.transformer_threshold, args.rejected, args.tokenizer, args.shards, args.val_fraction, args.workers,
+        args.batch_size, args.hf_label, args.overwrite,
+    )
     unit = "tokens" if args.tokenizer else "words"
     print(f"{'layer':<12} {'seen docs':>10} {'kept docs':>10} {'seen ' + unit:>14} {'kept ' + unit:>14}")
     for layer in report["layers"]:
@@ -104,13 +100,9 @@ def _train_gbm(argv: list[str]) -> int:
     p.add_argument("--max-iter", type=int, default=200, help="boosting rounds")
     p.add_argument("--learning-rate", type=float, default=0.1)
     args = p.parse_args(argv)
-    try:
-        texts, labels = labelled(args.positive, args.negative, args.text_field)
-        scorer, report = train_gbm(texts, labels, args.val_fraction, args.seed, args.max_iter, args.learning_rate)
-        scorer.save(args.out, {"trained": report, "positive": args.positive, "negative": args.negative})
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"danube quality train-gbm: error: {err}", file=sys.stderr)
-        return 1
+    texts, labels = labelled(args.positive, args.negative, args.text_field)
+    scorer, report = train_gbm(texts, labels, args.val_fraction, args.seed, args.max_iter, args.learning_rate)
+    scorer.save(args.out, {"trained": report, "positive": args.positive, "negative": args.negative})
     _print_metrics(report, args.out)
     return 0
 
@@ -132,17 +124,12 @@ def _train_transformer(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
-    try:
-        tok = Tokenizer(args.tokenizer)
-        cfg = classifier_config(tok.vocab_size, args.max_tokens, args.n_layer, args.n_embd, args.n_head,
-                                args.n_kv_head)
-        texts, labels = labelled(args.positive, args.negative, args.text_field)
-        scorer, report = train_transformer(texts, labels, tok, cfg, args.max_tokens, args.steps, args.batch_size,
-                                           args.lr, val_fraction=args.val_fraction, seed=args.seed)
-        scorer.save(args.out, {"trained": report, "positive": args.positive, "negative": args.negative})
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"danube quality train-transformer: error: {err}", file=sys.stderr)
-        return 1
+    tok = Tokenizer(args.tokenizer)
+    cfg = classifier_config(tok.vocab_size, args.max_tokens, args.n_layer, args.n_embd, args.n_head, args.n_kv_head)
+    texts, labels = labelled(args.positive, args.negative, args.text_field)
+    scorer, report = train_transformer(texts, labels, tok, cfg, args.max_tokens, args.steps, args.batch_size,
+                                       args.lr, val_fraction=args.val_fraction, seed=args.seed)
+    scorer.save(args.out, {"trained": report, "positive": args.positive, "negative": args.negative})
     _print_metrics(report, args.out)
     return 0
 
@@ -160,11 +147,7 @@ def _sample(argv: list[str]) -> int:
     p.add_argument("--junk", type=int, default=150, help="generated bad documents")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    try:
-        paths = write_sample(args.out_dir, args.good, args.junk, args.seed)
-    except ValueError as err:
-        print(f"danube quality sample: error: {err}", file=sys.stderr)
-        return 1
+    paths = write_sample(args.out_dir, args.good, args.junk, args.seed)
     for name, path in paths.items():
         print(f"wrote {path}")
     return 0
