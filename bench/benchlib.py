@@ -84,6 +84,15 @@ def text_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])
 
 
+def publish(name: str, title: str, header: list[str], rows: list[list[object]], note: str, write: bool = True) -> None:
+    """Print the table; unless ``write`` is false, also make it section ``name`` of BENCHMARKS.md
+    (the Markdown table followed by ``note``, which says what the figures are)."""
+    print(text_table(header, rows))
+    if write:
+        path = write_section(name, title, f"{markdown_table(header, rows)}\n\n{note}")
+        print(f"wrote {path.relative_to(REPO)}")
+
+
 def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS) -> Path:
     """Replace (or append) the section ``name`` of BENCHMARKS.md, leaving the others as they are.
 

@@ -86,14 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([seq_len, args.micro_batch, n_sources, workers, f"{benchlib.median([r['first_s'] for r in runs]):.2f}",
                      f"{runs[0]['tokens']:,}", f"{steady:,.0f}", f"{benchlib.median([r['overall'] for r in runs]):,.0f}"])
         log.info("seq %d sources %d workers %d: %s tokens/s steady", seq_len, n_sources, workers, f"{steady:,.0f}")
-    print(benchlib.text_table(header, rows))
-    if not args.no_write:
-        body = (benchlib.markdown_table(header, rows) + f"\n\nShards: {'the embedded sample' if not args.shards else shards}. "
-                "One process = one rank. *steady*: training tokens (seq_len per row) from the second batch to "
-                "the end of a pass over the shards; *incl. start*: from building the loader (worker start-up "
-                f"included). Median of {args.repeats} passes.\n")
-        path = benchlib.write_section("data_loading_quick" if args.quick else "data_loading", "Data loading", body)
-        print(f"wrote {path.relative_to(benchlib.REPO)}")
+    note = (f"Shards: {'the embedded sample' if not args.shards else shards}. "
+            "One process = one rank. *steady*: training tokens (seq_len per row) from the second batch to "
+            "the end of a pass over the shards; *incl. start*: from building the loader (worker start-up "
+            f"included). Median of {args.repeats} passes.\n")
+    benchlib.publish("data_loading_quick" if args.quick else "data_loading", "Data loading", header, rows, note,
+                     write=not args.no_write)
     print(f"tokens_per_sec={best:.0f}")
     return 0
 

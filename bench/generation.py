@@ -95,12 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             for k in calls:
                 rows.append([name, batch, args.new_tokens, k, f"{ms[k]:.0f}", f"{produced / ms[k] * 1e3:,.0f}",
                              f"{same}/{batch}", f"{ms['transformers'] / ms[k]:.2f}x"])
-    print(benchlib.text_table(header, rows))
-    if not args.no_write:
-        body = (benchlib.markdown_table(header, rows) + "\n\nRandomly initialised fp32 models, greedy, KV cache, "
-                f"prompts of 48-80 tokens (left-padded in a batch). Median of {args.repeats} calls per side.\n")
-        path = benchlib.write_section("generation_quick" if args.quick else "generation", "Generation", body)
-        print(f"wrote {path.relative_to(benchlib.REPO)}")
+    note = ("Randomly initialised fp32 models, greedy, KV cache, "
+            f"prompts of 48-80 tokens (left-padded in a batch). Median of {args.repeats} calls per side.\n")
+    benchlib.publish("generation_quick" if args.quick else "generation", "Generation", header, rows, note,
+                     write=not args.no_write)
     print(f"ratio_vs_hf={benchlib.median(ratios):.3f}")
     return 0
 

@@ -86,12 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([fmt, f"{mb:.1f}", workers, f"{s:.2f}", f"{mb / s:.2f}", f"{tokens:,}", f"{tokens / s:,.0f}"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(benchlib.text_table(header, rows))
-    if not args.no_write:
-        body = (benchlib.markdown_table(header, rows) + f"\n\nInput: the embedded sample corpus x{args.copies}, "
-                f"4,096-piece SentencePiece tokenizer. Median of {args.repeats} runs of the whole `prepare` call.\n")
-        path = benchlib.write_section("prepare_quick" if args.quick else "prepare", "Preparing shards", body)
-        print(f"wrote {path.relative_to(benchlib.REPO)}")
+    note = (f"Input: the embedded sample corpus x{args.copies}, "
+            f"4,096-piece SentencePiece tokenizer. Median of {args.repeats} runs of the whole `prepare` call.\n")
+    benchlib.publish("prepare_quick" if args.quick else "prepare", "Preparing shards", header, rows, note,
+                     write=not args.no_write)
     print(f"mb_per_sec={best:.2f}")
     return 0
 

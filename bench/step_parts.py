@@ -138,12 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         first = next(iter(ms.values()))
         for name, value in ms.items():
             rows.append([part, name, f"{value:.1f}", f"{first / value:.2f}x"])
-    print(benchlib.text_table(header, rows))
-    if not args.no_write:
-        body = (benchlib.markdown_table(header, rows) + f"\n\nfp32, CPU. Median of {args.rounds} rounds; "
-                "*vs first*: the first variant's time over this one's (> 1: faster).\n")
-        path = benchlib.write_section("step_parts_quick" if args.quick else "step_parts", "Parts of the training step", body)
-        print(f"wrote {path.relative_to(benchlib.REPO)}")
+    note = (f"fp32, CPU. Median of {args.rounds} rounds; "
+            "*vs first*: the first variant's time over this one's (> 1: faster).\n")
+    benchlib.publish("step_parts_quick" if args.quick else "step_parts", "Parts of the training step", header, rows,
+                     note, write=not args.no_write)
     return 0
 
 

@@ -339,21 +339,18 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([r.model, r.seq_len, r.batch, r.precision, r.attention, r.side, f"{r.ms:.1f}",
                      f"{r.tokens_per_sec:,.0f}", "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
                      "-" if r.peak_mb is None else f"{r.peak_mb:,.0f}", "" if r.vs_hf is None else f"{r.vs_hf:.2f}x"])
-    print(benchlib.text_table(header, rows))
+    name = "train_throughput_quick" if args.quick else (
+        "train_throughput_gpu" if args.device == "cuda" else "train_throughput")
+    note = (f"MFU against the {peak_note}. Peak MB: parameters + optimizer state + the step's own "
+            "peak allocations (torch profiler) on CPU; `torch.cuda.max_memory_allocated` on GPU. "
+            f"ms/step: median of {args.repeats} rounds after {args.warmup} warm-up step(s); a round is one "
+            "step of each side back to back, in alternating order. *vs transformers*: median over rounds "
+            "of the transformers step time over danube's (> 1: danube is faster). "
+            "ratio_vs_hf (last line of the script) is the median of that column over the cases run, "
+            "for the uncompiled danube step (the default of `train.compile`).\n")
+    benchlib.publish(name, f"Training step ({'quick, ' if args.quick else ''}{args.device})", header, rows, note,
+                     write=not args.no_write)
     print(f"MFU against: {peak_note}")
-    if not args.no_write:
-        name = "train_throughput_quick" if args.quick else (
-            "train_throughput_gpu" if args.device == "cuda" else "train_throughput")
-        body = (benchlib.markdown_table(header, rows)
-                + f"\n\nMFU against the {peak_note}. Peak MB: parameters + optimizer state + the step's own "
-                "peak allocations (torch profiler) on CPU; `torch.cuda.max_memory_allocated` on GPU. "
-                f"ms/step: median of {args.repeats} rounds after {args.warmup} warm-up step(s); a round is one "
-                "step of each side back to back, in alternating order. *vs transformers*: median over rounds "
-                "of the transformers step time over danube's (> 1: danube is faster). "
-                "ratio_vs_hf (last line of the script) is the median of that column over the cases run, "
-                "for the uncompiled danube step (the default of `train.compile`).\n")
-        path = benchlib.write_section(name, f"Training step ({'quick, ' if args.quick else ''}{args.device})", body)
-        print(f"wrote {path.relative_to(benchlib.REPO)}")
     if ratios:
         print(f"ratio_vs_hf={benchlib.median(ratios):.3f}")
     return 0
