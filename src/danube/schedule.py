@@ -8,6 +8,7 @@ runs from the first token of the first stage to the last token of the last one.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -47,6 +48,13 @@ class StagePlan:
 STAGE_KEYS = {"name", "seq_len", "tokens", "weights"}
 
 
+def check_weights(weights: dict, where: str) -> None:
+    """A data mixture: source name -> number >= 0 (not NaN), with a positive sum."""
+    values = list(weights.values())
+    if not values or any(not isinstance(w, numbers.Real) or not w >= 0 for w in values) or sum(values) <= 0:
+        raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, got {weights}")
+
+
 def plan_stages(
     stages: list[dict], *, global_batch_tokens: int, micro_batch_tokens: int, world_size: int
 ) -> list[StagePlan]:
@@ -65,10 +73,7 @@ def plan_stages(
         weights = stage.get("weights")
         if weights is not None:
             weights = dict(weights)
-            if not weights or any(not isinstance(w, (int, float)) or w < 0 for w in weights.values()) \
-                    or sum(weights.values()) <= 0:
-                raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, "
-                                 f"got {weights}")
+            check_weights(weights, where)
         if micro_batch_tokens % seq_len:
             raise ValueError(
                 f"{where}: train.micro_batch_tokens={micro_batch_tokens} is not a multiple of seq_len={seq_len}"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from danube.data.prepare import check_tokenizer, read_manifest
+from danube.schedule import check_weights
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,7 @@ class PretrainDataModule(L.LightningDataModule):
             if unknown or missing:
                 raise ValueError(f"mixture weights must name exactly the sources {sorted(self.sources)}; "
                                  f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
-            if any(not (w >= 0) for w in weights.values()) or sum(weights.values()) <= 0:
-                raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+            check_weights(weights, "mixture")
         self._weights_arg = weights
         self.weights: dict[str, float] | None = None
         self.manifests: dict[str, dict] = {}

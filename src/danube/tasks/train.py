@@ -28,7 +28,7 @@ from danube.callbacks import StageProgressBar
 from danube.data.tokenizer import Tokenizer
 from danube.model import DanubeConfig
 from danube.model.io import check_state_dict, is_model_dir, save_model_dir, tokenizer_path
-from danube.schedule import StagePlan, format_mixture, format_plan, plan_stages
+from danube.schedule import StagePlan, check_weights, format_mixture, format_plan, plan_stages
 from danube.tasks.common import (
     build_trainer,
     check_trainer_config,
@@ -152,8 +152,7 @@ def check_mixtures(cfg: DictConfig, plans: list[StagePlan]) -> None:
                 f"{where} name {sorted(weights)} but the data sources (data={data_choice(cfg)}) are {names}: "
                 f"unknown {unknown}, missing {missing} (a source the stage does not use gets weight 0)"
             )
-        if any(not isinstance(w, (int, float)) or w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"{where}: weights must be numbers >= 0 with a positive sum, got {weights}")
+        check_weights(weights, where)
 
 
 def data_choice(cfg: DictConfig) -> str:
