@@ -14,7 +14,6 @@ Calls alternate between the two; medians are shown.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import sys
 import tempfile

@@ -14,13 +14,13 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from danube.files import atomic_write_text
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -105,18 +105,7 @@ def _json_float(value: float | None) -> float | str | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # -- the report -------------------------------------------------------------------------
@@ -324,10 +313,10 @@ def write_tensorboard_hparams(jobs: list[Job], out_dir: Path) -> None:
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    from danube.model.io import atomic_dir
+
     keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         with SummaryWriter(log_dir=str(tmp)) as writer:
             for job in jobs:
                 hparams = {k: _hparam_value(job.overrides.get(k)) for k in keys}
@@ -338,13 +327,6 @@ def write_tensorboard_hparams(jobs: list[Job], out_dir: Path) -> None:
                             ("tokens", None if job.tokens is None else float(job.tokens)))
                            if value is not None and math.isfinite(value)}
                 writer.add_hparams(hparams, metrics, run_name=job.name)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sweep_report(multirun_dir: str | Path, *, tensorboard: bool = True) -> tuple[list[Job], dict[str, Path]]:
@@ -357,8 +339,8 @@ def sweep_report(multirun_dir: str | Path, *, tensorboard: bool = True) -> tuple
 
         best = OmegaConf.to_container(OmegaConf.load(root / "optimization_results.yaml"))
     written = {"markdown": root / "sweep.md", "csv": root / "sweep.csv"}
-    _write_text(written["markdown"], markdown_table(jobs, root.name, best if isinstance(best, dict) else None))
-    _write_text(written["csv"], csv_text(jobs))
+    atomic_write_text(written["markdown"], markdown_table(jobs, root.name, best if isinstance(best, dict) else None))
+    atomic_write_text(written["csv"], csv_text(jobs))
     if tensorboard:
         written["tensorboard"] = root / "hparams"
         write_tensorboard_hparams(jobs, written["tensorboard"])

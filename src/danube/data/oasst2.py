@@ -13,15 +13,13 @@ parent. One pair per group.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from danube.data.records import RecordError, read_jsonl, require
+from danube.data.records import RecordError, read_jsonl, require, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +176,6 @@ def preference_pairs(messages: dict[str, Message], lang: str | None = "en") -> t
             "chosen_rank": chosen.rank, "rejected_rank": rejected.rank, "parent_id": parent.id,
         })
     return pairs, stats
-
-
-def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:
-    """Write through a temporary file so a failure never leaves half a file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def oasst2_pairs_main(argv: list[str]) -> int:

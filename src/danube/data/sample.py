@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import logging
 import sys
 from pathlib import Path
+
+from danube.data.records import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,7 @@ def ensure_sample_data(root: str | Path, vocab_size: int = 4096, num_workers: in
         if _is_ready(root, vocab_size):
             return tok_path, shards
         log.info("building the sample corpus in %s (Python %d.%d stdlib text)", root, *sys.version_info[:2])
-        corpus = root / CORPUS
-        tmp = corpus.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in sample_documents():
-                f.write(json.dumps({"text": doc}) + "\n")
-        tmp.replace(corpus)
+        corpus = write_jsonl(({"text": doc} for doc in sample_documents()), root / CORPUS)
         tmp_tok = root / "tokenizer.tmp.model"
         train_tokenizer([corpus], tmp_tok, vocab_size=vocab_size)
         tmp_tok.replace(tok_path)
@@ -200,12 +196,7 @@ def ensure_sample_sources(root: str | Path, vocab_size: int = 4096, num_workers:
                 docs[source].append(text)
             for name in stale:
                 log.info("preparing sample source %r (%d documents) in %s", name, len(docs[name]), dirs[name])
-                corpus = base / f"{name}.jsonl"
-                tmp = corpus.with_suffix(".tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    for text in docs[name]:
-                        f.write(json.dumps({"text": text}) + "\n")
-                tmp.replace(corpus)
+                corpus = write_jsonl(({"text": text} for text in docs[name]), base / f"{name}.jsonl")
                 # 5% held out: the smallest source (topics) still gets a few validation documents.
                 prepare([corpus], dirs[name], tok_path, val_fraction=0.05, num_workers=num_workers,
                         chunk_bytes="8MB", seed=0, overwrite=True)

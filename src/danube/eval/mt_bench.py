@@ -99,18 +99,6 @@ def answer_questions(
     ]
 
 
-def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write records one per line, atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 # Our own judging instructions (FastChat's prompts are not copied; use FastChat itself for
 # numbers comparable with the report).
 JUDGE_SYSTEM = (

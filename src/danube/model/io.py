@@ -16,8 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch

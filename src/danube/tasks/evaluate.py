@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from danube.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 KINDS = ("lm_eval", "perplexity", "mt_bench")
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _size(model) -> str:
@@ -102,10 +96,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         table = _mt_bench(cfg, model_name, out_path, result)
 
-    _write_text(out_path, json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(out_path, json.dumps(result, indent=2, default=str) + "\n")
     log.info("wrote %s", out_path)
     if table:
-        _write_text(out_path.with_suffix(".md"), table)
+        atomic_write_text(out_path.with_suffix(".md"), table)
         log.info("wrote %s\n%s", out_path.with_suffix(".md"), table)
     return result
 
@@ -123,7 +117,8 @@ def _load_model_only(cfg: DictConfig):
 
 def _mt_bench(cfg: DictConfig, model_name: str, out_path: Path, result: dict[str, Any]) -> str | None:
     from danube.eval.loading import load_for_eval
-    from danube.eval.mt_bench import Judge, answer_questions, judge_answers, load_questions, tabulate, write_jsonl
+    from danube.data.records import write_jsonl
+    from danube.eval.mt_bench import Judge, answer_questions, judge_answers, load_questions, tabulate
     from danube.eval.tables import mt_bench_table
     from danube.model.generate import SamplingParams
 

@@ -10,7 +10,6 @@ A local Hugging Face sequence-classification directory (``config.json``, no
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -136,10 +135,3 @@ def load_scorer(path: str | Path, expect: str, batch_size: int = 32, hf_label: i
     from danube.data.quality.transformer import TransformerScorer
 
     return TransformerScorer.load(path, batch_size=batch_size)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary sibling so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

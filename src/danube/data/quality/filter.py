@@ -16,6 +16,7 @@ many documents broke it. With ``shards`` the kept documents are tokenized by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from danube.data.quality import classifier
 from danube.data.quality.gbm import GBMScorer
 from danube.data.quality.heuristics import HeuristicRules, document_stats
 from danube.data.records import read_jsonl, require, text_field
+from danube.files import atomic_file, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -225,50 +227,41 @@ def filter_documents(
                              scorer=transformer, threshold=transformer_threshold))
     total, kept_total = _Count(), _Count()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    tmp_rej = rejected.with_name(f".{rejected.name}.tmp-{os.getpid()}") if rejected is not None else None
-    if tmp_rej is not None:
-        rejected.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp_out, "w", encoding="utf-8") as out_f, \
-                (open(tmp_rej, "w", encoding="utf-8") if tmp_rej else open(os.devnull, "w")) as rej_f:
-            for batch in _batches(_records(files, text_field_name), batch_size):
-                texts = [t for _, t in batch]
-                if tok is not None:
-                    lengths = [len(ids) for ids in tok.encode_batch(texts)]
+    # Both outputs are written to temporary siblings and renamed into place at the end.
+    with contextlib.ExitStack() as stack:
+        tmp_rej = stack.enter_context(atomic_file(rejected)) if rejected is not None else None
+        tmp_out = stack.enter_context(atomic_file(output))
+        out_f = stack.enter_context(open(tmp_out, "w", encoding="utf-8"))
+        rej_f = stack.enter_context(open(tmp_rej, "w", encoding="utf-8") if tmp_rej else open(os.devnull, "w"))
+        for batch in _batches(_records(files, text_field_name), batch_size):
+            texts = [t for _, t in batch]
+            if tok is not None:
+                lengths = [len(ids) for ids in tok.encode_batch(texts)]
+            else:
+                lengths = [len(t.split()) for t in texts]
+            quality: list[dict[str, Any]] = [{} for _ in batch]
+            stats: list[dict[str, float] | None] = [None] * len(batch)  # reused as GBM features
+            alive = list(range(len(batch)))
+            for n in lengths:
+                total.add(n)
+            for layer in layers:
+                for i in alive:
+                    layer.seen.add(lengths[i])
+                if not alive:
+                    continue
+                survivors = _apply(layer, alive, texts, stats, quality, rules)
+                for i in survivors:
+                    layer.kept.add(lengths[i])
+                alive = survivors
+            keep = set(alive)
+            for i, (record, _) in enumerate(batch):
+                quality[i]["kept"] = i in keep
+                line = json.dumps({**record, "quality": quality[i]}, ensure_ascii=False) + "\n"
+                if i in keep:
+                    kept_total.add(lengths[i])
+                    out_f.write(line)
                 else:
-                    lengths = [len(t.split()) for t in texts]
-                quality: list[dict[str, Any]] = [{} for _ in batch]
-                stats: list[dict[str, float] | None] = [None] * len(batch)  # reused as GBM features
-                alive = list(range(len(batch)))
-                for n in lengths:
-                    total.add(n)
-                for layer in layers:
-                    for i in alive:
-                        layer.seen.add(lengths[i])
-                    if not alive:
-                        continue
-                    survivors = _apply(layer, alive, texts, stats, quality, rules)
-                    for i in survivors:
-                        layer.kept.add(lengths[i])
-                    alive = survivors
-                keep = set(alive)
-                for i, (record, _) in enumerate(batch):
-                    quality[i]["kept"] = i in keep
-                    line = json.dumps({**record, "quality": quality[i]}, ensure_ascii=False) + "\n"
-                    if i in keep:
-                        kept_total.add(lengths[i])
-                        out_f.write(line)
-                    else:
-                        rej_f.write(line)
-        os.replace(tmp_out, output)
-        if tmp_rej is not None:
-            os.replace(tmp_rej, rejected)
-    finally:
-        tmp_out.unlink(missing_ok=True)
-        if tmp_rej is not None:
-            tmp_rej.unlink(missing_ok=True)
+                    rej_f.write(line)
 
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
@@ -283,7 +276,7 @@ def filter_documents(
         "kept": vars(kept_total),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    classifier.atomic_write_text(report_file, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(report_file, json.dumps(report, indent=2) + "\n")
     log.info("kept %d of %d documents (%d of %d %s) in %s", kept_total.documents, total.documents,
              kept_total.tokens, total.tokens, report["token_unit"], output)
     if shards is not None:
@@ -292,5 +285,5 @@ def filter_documents(
         manifest = prepare([output], shards, tok.model_file, text_field_name, val_fraction, num_workers,
                            overwrite=overwrite)
         report["shards"] = {"path": str(shards), "totals": manifest["totals"]}
-        classifier.atomic_write_text(report_file, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(report_file, json.dumps(report, indent=2) + "\n")
     return report

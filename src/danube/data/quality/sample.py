@@ -8,12 +8,12 @@ shuffled, standing in for raw web text to filter).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import string
 from pathlib import Path
+
+from danube.data.records import write_jsonl
 
 _CODE = re.compile(r">>>|::=|\||\.\.\.|^\s*[-*]")
 
@@ -104,11 +104,5 @@ def write_sample(out_dir: str | Path, n_good: int = 150, n_junk: int = 150, seed
     junk = junk_docs(n_junk, seed, kinds=("chars", "symbols", "boilerplate", "repetition", "salad"))
     web = [*good, *junk]
     random.Random(seed).shuffle(web)
-    paths = {}
-    for name, docs in (("good", good), ("junk", junk), ("web", web)):
-        path = out_dir / f"{name}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-        os.replace(tmp, path)
-        paths[name] = path
-    return paths
+    return {name: write_jsonl(({"text": d} for d in docs), out_dir / f"{name}.jsonl")
+            for name, docs in (("good", good), ("junk", junk), ("web", web))}
