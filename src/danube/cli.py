@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"danube: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     module, func = COMMANDS[name][0].split(":")
     command = getattr(importlib.import_module(module), func)
     try:

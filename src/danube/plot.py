@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 PANELS = (
@@ -21,6 +22,8 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     stage_dirs = sorted({p.parent for p in tb.rglob("events.out.tfevents.*")})
     if not stage_dirs:
         raise FileNotFoundError(f"no TensorBoard event files under {tb}: is {run_dir} a danube run directory?")
+    # Reading logs "No path found after <file>" for every event file at INFO: not news.
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     series: dict[str, list[tuple[int, float]]] = {}
     for stage_dir in stage_dirs:
         acc = EventAccumulator(str(stage_dir), size_guidance={"scalars": 0})
