@@ -86,8 +86,13 @@ def merge_lora_main(argv: list[str]) -> int:
     parser.add_argument("adapter_dir", help="peft adapter directory (adapter_config.json, adapter_model.safetensors)")
     parser.add_argument("output", help="danube model directory to write")
     parser.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
     args = parser.parse_args(argv)
+    from danube.files import check_output_dir
+
+    check_output_dir(args.output, overwrite=args.overwrite, inputs=[args.adapter_dir] + ([args.base] if args.base else []))
     wrapped, base = load_adapter(args.adapter_dir, args.base)
+    check_output_dir(args.output, overwrite=args.overwrite, inputs=[base])
     model = merge_lora(wrapped)
     save_model_dir(model, args.output, tokenizer=tokenizer_path(base))
     print(f"{args.adapter_dir} + {base} -> {args.output}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from danube.data.tokenizer import Tokenizer
+from danube.files import check_output_dir
 from danube.model import DanubeConfig, build_model
 from danube.model.io import (
     is_model_dir,
@@ -96,10 +97,7 @@ def swap_tokenizer(
         )
     new_tok = Tokenizer(new_tokenizer)
     old_tok = Tokenizer(old_tok_path)
-    if out_dir.resolve() == model_dir.resolve():
-        raise FileExistsError(f"the output {out_dir} is the input model directory: refusing to overwrite it")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    check_output_dir(out_dir, overwrite=overwrite, inputs={"input model directory": model_dir, "new tokenizer": new_tok.model_file})
     cfg = read_config(model_dir)  # fails before the weights are read
     if old_tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"{old_tok_path} has {old_tok.vocab_size} pieces but {model_dir}'s vocab_size is "

@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from danube.data.tokenizer import Tokenizer
+from danube.files import check_output_dir, remove_stale_temps, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +197,7 @@ def _read_unit(unit: _Unit, text_field: str) -> Iterator[tuple[str | None, str |
             try:
                 for lineno, line in enumerate(f, 1):
                     yield _parse_json(line, text_field, lambda: f"{unit.path}:{lineno}")
-            except (OSError, EOFError) as err:
+            except (OSError, EOFError, zlib.error) as err:
                 raise ValueError(f"{unit.path}: corrupt gzip file: {err}") from err
         return
     with open(unit.path, "rb") as f:
@@ -423,8 +425,8 @@ def prepare(
     output_dir = Path(output_dir)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    check_output_dir(output_dir, overwrite=overwrite, inputs=[*inputs, tokenizer])
+    remove_stale_temps(output_dir.parent)
     tok = Tokenizer(tokenizer)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "int32"
     files = list_input_files(list(inputs))
@@ -438,7 +440,7 @@ def prepare(
              len(units), max(1, num_workers))
 
     pool = _Pool(min(num_workers, len(units)), str(tok.model_file))
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")  # removed below, or by a later run if killed
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if not skip_bad:
@@ -499,8 +501,6 @@ def prepare(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output_dir.exists() and not any(output_dir.iterdir()):
             output_dir.rmdir()
-        from danube.model.io import replace_dir
-
         replace_dir(tmp, output_dir)
     finally:
         pool.close()

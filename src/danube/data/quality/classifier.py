@@ -100,7 +100,7 @@ def read_meta(path: str | Path, kind: str | None = None) -> dict[str, Any]:
 
 def write_dir(path: str | Path, meta: dict[str, Any], write_files: Callable[[Path], None]) -> Path:
     """Write a classifier directory atomically: ``write_files(tmp)`` then the metadata, then rename."""
-    from danube.model.io import atomic_dir
+    from danube.files import atomic_dir
 
     path = Path(path)
     if path.exists() and not path.is_dir():
