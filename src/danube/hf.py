@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from danube.files import atomic_dir, check_output_dir
 from danube.model import Danube, DanubeConfig, build_model
-from danube.model.io import atomic_dir, load_weights, saved_state
+from danube.model.io import check_finite, load_weights, read_safetensors, saved_state
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> DanubeCon
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory: safetensors (sharded or not) or ``.bin``."""
     for index_name, loader in (
-        ("model.safetensors.index.json", lambda f: load_file(str(f))),
+        ("model.safetensors.index.json", read_safetensors),
         ("pytorch_model.bin.index.json", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
     ):
         index = path / index_name
@@ -74,7 +75,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
                 state.update(loader(path / shard))
             return state
     if (path / "model.safetensors").is_file():
-        return load_file(str(path / "model.safetensors"))
+        return read_safetensors(path / "model.safetensors")
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(
@@ -94,6 +95,7 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides) -> 
         cfg = DanubeConfig.from_dict({**cfg.to_dict(), **overrides})
     # Old Llama checkpoints carry the RoPE frequencies as buffers; danube computes them.
     state = {k: v for k, v in _read_state(path).items() if not k.endswith("rotary_emb.inv_freq")}
+    check_finite(state, str(path))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model = build_model(cfg, device="meta")
@@ -157,7 +159,9 @@ def import_hf_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="danube import-hf", description="Hugging Face directory -> danube model directory")
     parser.add_argument("hf_dir", help="directory with config.json and weights (safetensors, sharded or not, or .bin)")
     parser.add_argument("model_dir", help="danube model directory to write (config.yaml, model.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty MODEL_DIR")
     args = parser.parse_args(argv)
+    check_output_dir(args.model_dir, overwrite=args.overwrite, inputs={"input Hugging Face directory": args.hf_dir})
     model = from_hf(args.hf_dir)
     tokenizer = Path(args.hf_dir) / "tokenizer.model"
     save_model_dir(model, args.model_dir, tokenizer=tokenizer if tokenizer.is_file() else None)
@@ -174,7 +178,9 @@ def export_hf_main(argv: list[str]) -> int:
     parser.add_argument("model_dir", help="danube model directory (config.yaml, model.safetensors[, tokenizer.model])")
     parser.add_argument("hf_dir", help="Hugging Face directory to write")
     parser.add_argument("--tokenizer", help="SentencePiece model to include (default: the model directory's own)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty HF_DIR")
     args = parser.parse_args(argv)
+    check_output_dir(args.hf_dir, overwrite=args.overwrite, inputs={"input model directory": args.model_dir})
     model = load_model_dir(args.model_dir)
     tokenizer = args.tokenizer or tokenizer_path(args.model_dir)
     to_hf(model, args.hf_dir, tokenizer=tokenizer)

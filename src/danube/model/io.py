@@ -5,25 +5,28 @@ A model directory holds::
     config.yaml          # DanubeConfig fields (plain YAML)
     model.safetensors    # the state dict, Hugging Face parameter names
     tokenizer.model      # optional: the SentencePiece model the vocabulary comes from
+    checksums.sha256     # sha256 of the files above (`sha256sum -c checksums.sha256` reads it)
 
 Directories are written to a temporary sibling and renamed into place, so a crash
-mid-write never leaves a half-written model where a good one was.
+mid-write never leaves a half-written model where a good one was. Loading verifies the
+checksums (a file changed since it was written is refused, naming it) and refuses
+weights that are not finite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from danube.files import atomic_dir
 from danube.model.config import DanubeConfig
 from danube.model.transformer import Danube, build_model
 
@@ -32,6 +35,68 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
+CHECKSUM_FILE = "checksums.sha256"
+
+
+class CorruptFileError(ValueError):
+    """A file that is not what was written: truncated, overwritten, or not finite."""
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path, names: list[str]) -> None:
+    """``checksums.sha256`` in ``sha256sum`` format for the files ``names`` of ``directory``."""
+    lines = [f"{file_sha256(directory / n)}  {n}\n" for n in names]
+    (directory / CHECKSUM_FILE).write_text("".join(lines))
+
+
+def verify_checksums(directory: str | Path, names: list[str] | None = None) -> bool:
+    """Check the files ``checksums.sha256`` lists (or only ``names``); False if there is no such file.
+
+    Raises:
+        CorruptFileError: a listed file is missing or its contents changed.
+    """
+    directory = Path(directory)
+    listing = directory / CHECKSUM_FILE
+    if not listing.is_file():
+        return False
+    for lineno, line in enumerate(listing.read_text().splitlines(), 1):
+        expected, sep, name = line.partition("  ")
+        if not sep or len(expected) != 64:
+            raise CorruptFileError(f"{listing}:{lineno}: not a sha256sum line: {line!r}")
+        if names is not None and name not in names:
+            continue
+        file = directory / name
+        if not file.is_file():
+            raise CorruptFileError(f"{file}: missing (listed in {listing})")
+        actual = file_sha256(file)
+        if actual != expected:
+            raise CorruptFileError(
+                f"corrupt file {file}: its sha256 is {actual[:12]}..., {listing.name} recorded {expected[:12]}... "
+                "when it was written; restore it from a copy or write the directory again"
+            )
+    return True
+
+
+def read_safetensors(file: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file; a damaged file is a :class:`CorruptFileError` naming it."""
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(f"corrupt file {file}: not a readable safetensors file ({err})") from err
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity: they can only come from a damaged file or a diverged run."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CorruptFileError(f"{source}: tensor {name!r} holds NaN or infinite values; refusing to load it")
 
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -88,13 +153,24 @@ def load_model_dir(
     if overrides:
         cfg = DanubeConfig.from_dict({**cfg.to_dict(), **overrides})
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} is missing")
     model = build_model(cfg, device="meta")
-    state = load_file(str(weights), device=str(device))
+    state = read_weights(path, device)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     return load_weights(model, state, str(weights))
+
+
+def read_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A model directory's state dict, checksum-verified (when recorded) and finite."""
+    path = Path(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} is missing")
+    if not verify_checksums(path, [WEIGHTS_FILE]):
+        log.warning("%s has no %s: its weights cannot be verified", path, CHECKSUM_FILE)
+    state = read_safetensors(weights, device)
+    check_finite(state, str(weights))
+    return state
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -111,9 +187,13 @@ def save_model_dir(model: Danube, path: str | Path, tokenizer: str | Path | None
     with atomic_dir(path) as tmp:
         with open(tmp / CONFIG_FILE, "w") as f:
             yaml.safe_dump(model.cfg.to_dict(), f, sort_keys=False)
-        save_file(saved_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        state = saved_state(model)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        names = [CONFIG_FILE, WEIGHTS_FILE]
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            names.append(TOKENIZER_FILE)
+        write_checksums(tmp, names)
     log.info("wrote model directory %s", path)
     return Path(path)
 
@@ -124,32 +204,6 @@ def saved_state(model: Danube) -> dict[str, torch.Tensor]:
     if model.cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to fill; it replaces ``path`` whole only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory ``src`` to ``dst``, replacing an existing one only at the end."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def load_pretrained(
