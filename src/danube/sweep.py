@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"  # one job's outcome, beside its .hydra/ folder
-STATUS_ORDER = ("complete", "diverged", "incomplete", "failed", "not started")
+STATUS_ORDER = ("complete", "diverged", "incomplete", "failed", "mismatch", "not started")
 
 
 # -- the objective ----------------------------------------------------------------------
@@ -83,15 +83,22 @@ def train_objective(cfg: DictConfig) -> float | None:
         return objective(run(cfg))
     from hydra.core.hydra_config import HydraConfig
 
+    from danube.callbacks import Interrupted
+
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run(cfg)
+    except Interrupted as err:
+        write_json(job_dir / RESULT_FILE, {"status": "incomplete", "error": str(err)})
+        raise
     except Exception as err:
         log.error("job %s failed:\n%s", job_dir, traceback.format_exc())
         write_json(job_dir / RESULT_FILE, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         raise
     value = objective(result)
     status = "complete" if value is not None and math.isfinite(value) else "diverged"
+    if not result.complete:
+        status = "incomplete"
     write_json(job_dir / RESULT_FILE, {
         "status": status, "objective": value, "final_val_loss": _json_float(result.final_val_loss),
         "final_train_loss": _json_float(result.final_train_loss), "tokens_seen": result.tokens_seen,
@@ -180,7 +187,41 @@ def read_job(path: Path) -> Job:
         job.status = _status_from_files(job)
     if job.status == "complete" and (job.val_loss is None or not math.isfinite(job.val_loss)):
         job.status = "diverged"
+    mismatched = ran_with_other_values(job)
+    if mismatched:
+        # The job folder was reused with new values: what it holds was not made with its overrides.
+        job.status, job.error = "mismatch", "the run in this folder was made with " + ", ".join(mismatched)
+        job.val_loss = job.train_loss = None
     return job
+
+
+def ran_with_other_values(job: Job) -> list[str]:
+    """``key=value`` of each override the run's own ``config.yaml`` disagrees with."""
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from danube.rundir import flatten, same_value
+
+    config = job.path / "config.yaml"
+    if not config.is_file():
+        return []
+    try:
+        ran = flatten(yaml.safe_load(config.read_text()) or {})
+    except yaml.YAMLError:
+        return []
+    parser = OverridesParser.create()
+    out = []
+    for key, value in job.overrides.items():
+        if key not in ran or value == "(deleted)":
+            continue  # a config group choice (model=tiny), or a key the run does not record
+        try:
+            (override,) = parser.parse_overrides([f"{key}={value}"])
+            want = override.value()
+        except Exception:  # noqa: BLE001 - Hydra's grammar errors: nothing to compare with
+            continue
+        if not same_value(want, ran[key]):
+            out.append(f"{key}={ran[key]!r} (overrides.yaml: {value})")
+    return out
 
 
 def _read_result_file(path: Path) -> dict | None:
@@ -220,7 +261,11 @@ def _status_from_files(job: Job) -> str:
     cfg = OmegaConf.load(config)
     stages = [s["name"] for s in cfg.get("recipe", {}).get("stages", [])]
     last = stages[-1] if cfg.get("stage", "all") == "all" and stages else cfg.get("stage")
-    return "complete" if last and (job.path / str(last) / "final.ckpt").is_file() else "incomplete"
+    stage = job.path / str(last) if last else None
+    # complete.json is written last; older runs wrote final.ckpt, then the model directory.
+    done = stage is not None and ((stage / "complete.json").is_file() or
+                                  ((stage / "final.ckpt").is_file() and (stage / "model" / "model.safetensors").is_file()))
+    return "complete" if done else "incomplete"
 
 
 def sort_jobs(jobs: list[Job]) -> list[Job]:
@@ -313,7 +358,7 @@ def write_tensorboard_hparams(jobs: list[Job], out_dir: Path) -> None:
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from danube.model.io import atomic_dir
+    from danube.files import atomic_dir
 
     keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
     with atomic_dir(out_dir) as tmp:

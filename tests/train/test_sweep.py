@@ -112,8 +112,9 @@ def _job(root: Path, num: int, overrides: list[str], *, result=None, scalars=Non
     if config is not None:
         (job / "config.yaml").write_text(yaml.safe_dump(config))
     if final:
-        (job / "seq64").mkdir()
+        (job / "seq64" / "model").mkdir(parents=True)
         (job / "seq64" / "final.ckpt").write_bytes(b"x")
+        (job / "seq64" / "model" / "model.safetensors").write_bytes(b"x")
 
 
 @pytest.fixture
@@ -151,6 +152,21 @@ def test_report_sorts_by_val_loss_and_flags_failed_jobs(fake_multirun):
     table = list(csv.DictReader(written["csv"].open()))
     assert [r["job"] for r in table] == ["10", "0", "1", "2", "3"]
     assert table[0]["optim.lr"] == "0.01" and float(table[0]["val_loss"]) == 3.25 and table[4]["error"]
+
+
+def test_report_flags_a_job_folder_reused_with_other_values(tmp_path):
+    """`-m optim.lr=0.05` into a sweep dir whose job 0 ran with 0.01: its results are not 0.05's."""
+    root = tmp_path / "multirun"
+    config = {"optim": {"lr": 0.01}, "stage": "all", "recipe": {"stages": [{"name": "seq64"}]}}
+    _job(root, 0, ["optim.lr=5e-2"], config=config, final=True, scalars={"val/loss": [(1024, 3.0)]},
+         result={"status": "failed", "error": "ConfigChanged: ..."})
+    _job(root, 1, ["optim.lr=1e-2"], config=config, final=True, scalars={"val/loss": [(1024, 3.5)]},
+         result={"status": "complete", "objective": 3.5, "final_val_loss": 3.5, "tokens_seen": 1024})
+    jobs, _ = sweep_report(root, tensorboard=False)
+    by_name = {j.name: j for j in jobs}
+    assert by_name["0"].status == "mismatch" and by_name["0"].val_loss is None
+    assert "optim.lr=0.01 (overrides.yaml: 5e-2)" in by_name["0"].error
+    assert by_name["1"].status == "complete" and by_name["1"].val_loss == 3.5
 
 
 def test_report_writes_tensorboard_hparams_once(fake_multirun):
