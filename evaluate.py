@@ -6,9 +6,10 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from danube.tasks.common import run_entry_point
     from danube.tasks.evaluate import run
 
-    run(cfg)
+    run_entry_point("evaluate.py", run, cfg)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="conf", config_name="finetune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from danube.tasks.common import run_entry_point
     from danube.tasks.finetune import run
 
-    run(cfg)
+    run_entry_point("finetune.py", run, cfg)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from omegaconf import DictConfig
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from danube.sweep import train_objective
+    from danube.tasks.common import run_entry_point
 
     # Hydra sweepers (Optuna) minimise what main returns: the final validation loss
     # (inf when it is missing or not finite), recorded per job for `danube sweep-report`.
-    return train_objective(cfg)
+    return run_entry_point("train.py", train_objective, cfg)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def danube_side(cfg: DanubeConfig, precision: str, seq_len: int, tokens: torch.T
     optim = OmegaConf.to_container(OmegaConf.load(benchlib.REPO / "conf" / "optim" / "adamw.yaml"))
     module = PretrainModule(
         model=cfg.to_dict(), optim=optim, total_tokens=10 * int(optim["warmup_tokens"]),
-        global_batch_tokens=tokens.shape[0] * seq_len, seq_len=seq_len, precision=precision_config(precision),
+        seq_len=seq_len, precision=precision_config(precision),
         loss_chunk_tokens=int(train.loss_chunk_tokens), compile=compile, activation_checkpointing=checkpointing,
     ).to(device)
     module.configure_model()

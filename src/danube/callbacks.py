@@ -1,8 +1,167 @@
-"""Lightning callbacks shared by the tasks."""
+"""Lightning callbacks shared by the tasks: the pretraining step boundary and the progress bar."""
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import TQDMProgressBar
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+
+from danube.checkpoints import point_last, prune, step_file
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM or SIGINT after saving a checkpoint at an optimizer-step boundary."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        where = f"; the checkpoint {checkpoint} holds step {step}" if checkpoint else ""
+        super().__init__(f"stopped by {name} at optimizer step {step}{where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process the signal ended
+
+
+class StepBoundary(Callback):
+    """Everything that happens between two optimizer steps of a pretraining stage, in this order.
+
+    1. validation, every ``val_every_n_steps`` steps and at the stage's last step;
+    2. a checkpoint, every ``every_n_steps`` steps and at the stage's last step;
+    3. a stop, when SIGTERM or SIGINT arrived since the last boundary: a checkpoint is
+       written (if step 2 wrote none) and :class:`Interrupted` is raised.
+
+    Nothing happens in the middle of gradient accumulation, so every checkpoint resumes
+    exactly, and one written after its step's validation makes a kill during that
+    validation repeat it rather than lose it. A second SIGINT stops at once (the last
+    checkpoint survives). On several devices the ranks agree on the stop with one
+    all-reduce of a scalar per step.
+
+    Args:
+        dirpath: the stage's ``checkpoints/`` folder.
+        every_n_steps: checkpoint interval (0: only at the last step and on a stop).
+        keep: step checkpoints kept (the newest); ``last.ckpt`` links to the newest.
+        last_step: the stage's last optimizer step (its ``max_steps``).
+        validate: runs one validation and returns its mean loss (None: no validation data).
+        val_every_n_steps: validation interval (None: no validation).
+    """
+
+    def __init__(self, dirpath: Path, *, every_n_steps: int, keep: int, last_step: int,
+                 validate: Callable[[], float | None] | None = None, val_every_n_steps: int | None = None) -> None:
+        self.dirpath, self.every, self.keep, self.last_step = Path(dirpath), every_n_steps, keep, last_step
+        self.validate, self.val_every = validate, val_every_n_steps
+        self.signum: int | None = None
+        self.last_saved: Path | None = None
+        self.last_val: tuple[int, float] | None = None  # (step, val loss)
+        self._step = -1
+        self._saved_step = -1
+        self._handlers: dict[int, Any] = {}
+
+    # -- signals -------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.signum = signum
+        log.warning("received %s: stopping after the current optimizer step, with a checkpoint "
+                    "(press Ctrl-C again to stop at once)", signal.Signals(signum).name)
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore(self) -> None:
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._handlers = {}
+
+    def _stop_agreed(self, trainer) -> int | None:
+        if trainer.world_size == 1:
+            return self.signum
+        flag = torch.tensor(float(self.signum or 0), device=trainer.strategy.root_device)
+        agreed = int(trainer.strategy.reduce(flag, reduce_op="max"))  # any rank signalled: all stop
+        return agreed or None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed stage starts on a boundary it has already handled.
+        self._step = self._saved_step = trainer.global_step
+        self._install()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._step:
+            return  # in the middle of gradient accumulation
+        self._step = step
+        last = step >= self.last_step
+        if self.validate is not None and self.val_every and (step % self.val_every == 0 or last):
+            loss = self.validate()
+            if loss is not None:
+                self.last_val = (step, loss)
+        stop = self._stop_agreed(trainer)
+        if stop or last or (self.every and step % self.every == 0):
+            self.save(trainer)
+        if stop:
+            raise Interrupted(stop, step, self.last_saved)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, trainer) -> Path:
+        """Write ``stepN.ckpt`` (all ranks take part), point ``last.ckpt`` at it, keep the newest ``keep``."""
+        step = trainer.global_step
+        path = self.dirpath / step_file(step)
+        if self._saved_step == step and path.is_file():
+            return path
+        for logger in trainer.loggers:  # events up to this step survive a kill with the checkpoint
+            logger.save()
+            if hasattr(logger.experiment, "flush"):
+                logger.experiment.flush()
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            point_last(self.dirpath, path)
+            prune(self.dirpath, self.keep)
+        self._saved_step, self.last_saved = step, path
+        return path
+
+
+def mean_validation_loss(trainer, loader, step_fn: Callable[[Any, int], torch.Tensor]) -> float | None:
+    """Mean of ``step_fn(batch, i)`` over ``loader`` (all ranks' batches weighted alike); None if it is empty.
+
+    ``step_fn`` is the strategy's ``validation_step``, so the batches see the same precision
+    context and model wrapping (DDP, FSDP) as training.
+    """
+    module = trainer.lightning_module
+    was_training = module.training
+    module.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=trainer.strategy.root_device)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                batch = trainer.strategy.batch_to_device(batch)
+                total[0] += step_fn(batch, i).double()
+                total[1] += 1
+    finally:
+        module.train(was_training)
+    if trainer.world_size > 1:
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+    return None if total[1] == 0 else float(total[0] / total[1])
 
 
 class StageProgressBar(TQDMProgressBar):
@@ -30,3 +189,7 @@ class StageProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value

@@ -13,21 +13,23 @@ import importlib.util
 
 import torch
 
+from danube.errors import MissingHardware
+
 FP8_FORMATS = ("hybrid", "e4m3")
 
 
 def check_fp8_available() -> None:
     """Fail before any compute when FP8 is asked for where it cannot run."""
     if not torch.cuda.is_available():
-        raise RuntimeError("precision=fp8 needs a CUDA GPU (Hopper or newer); use precision=bf16 or fp32 here")
+        raise MissingHardware("precision=fp8 needs a CUDA GPU (Hopper or newer); use precision=bf16 or fp32 here")
     if importlib.util.find_spec("transformer_engine") is None:
-        raise RuntimeError(
+        raise MissingHardware(
             "precision=fp8 needs NVIDIA Transformer Engine: pip install -e '.[gpu]' "
             "(transformer-engine[pytorch]); or use precision=bf16"
         )
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
-        raise RuntimeError(f"precision=fp8 needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}")
+        raise MissingHardware(f"precision=fp8 needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}")
 
 
 def _recipe(precision: dict):

@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -42,14 +43,25 @@ def test_sample_corpus_is_deterministic():
     assert sample_documents() == sample_documents()
 
 
-def test_rebuilds_when_the_tokenizer_no_longer_matches(tmp_path, sp_model):
+def test_rebuilds_the_shards_when_they_no_longer_match_the_tokenizer(tmp_path):
     tok_path, shards = ensure_sample_data(tmp_path, vocab_size=1024)
     stamp = (shards / "train" / "index.json").stat().st_mtime_ns
-    tok_path.write_bytes(sp_model.read_bytes())  # someone swapped the tokenizer: the shards no longer match it
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["tokenizer"]["checksum"] = "0" * 64  # the shards were made with some other tokenizer
+    (shards / "manifest.json").write_text(json.dumps(manifest))
     assert ensure_sample_data(tmp_path, vocab_size=1024) == (tok_path, shards)
     tok = Tokenizer(tok_path)
     assert tok.vocab_size == 1024 and read_manifest(shards)["tokenizer"]["checksum"] == tok.checksum
     assert (shards / "train" / "index.json").stat().st_mtime_ns != stamp
+
+
+def test_another_vocabulary_size_never_replaces_the_sample_tokenizer(tmp_path):
+    """Runs trained on the sample refer to its tokenizer: data.vocab_size=N must not rebuild it in place."""
+    tok_path, shards = ensure_sample_data(tmp_path, vocab_size=1024)
+    before = tok_path.read_bytes()
+    with pytest.raises(ValueError, match=r"1,024-piece tokenizer, not 2,048 .*data.root=.*_2048"):
+        ensure_sample_data(tmp_path, vocab_size=2048)
+    assert tok_path.read_bytes() == before and read_manifest(shards)["tokenizer"]["vocab_size"] == 1024
 
 
 def test_sample_sources_split_the_corpus_by_kind_of_text(sample):

@@ -91,4 +91,4 @@ def tiny_module_args():
                  sliding_window=5, max_seq_len=64)
     optim = dict(lr=1e-2, min_lr=1e-3, warmup_tokens=1000, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1,
                  grad_clip=1.0, fused="auto")
-    return dict(model=model, optim=optim, total_tokens=100_000, global_batch_tokens=32, seq_len=16)
+    return dict(model=model, optim=optim, total_tokens=100_000, seq_len=16)

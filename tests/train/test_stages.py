@@ -69,12 +69,12 @@ def chain(tmp_path_factory, danube1, data_root):
     root = tmp_path_factory.mktemp("danube2")
     assert main(["swap-tokenizer", str(danube1), str(data_root / "sample" / "tokenizer.model"),
                  str(root / "swapped")]) == 0
-    result = run(continuation(data_root, root / "run", root / "swapped"))
+    result = run(continuation(data_root, root / "run", root / "swapped", "train.keep_checkpoints=2"))
     return root, result
 
 
 def source_tokens(run_dir, stage):
-    return torch.load(run_dir / stage / "final.ckpt", map_location="cpu", weights_only=False)["danube"]["source_tokens"]
+    return torch.load(run_dir / stage / "final.ckpt", map_location="cpu", weights_only=True)["danube"]["source_tokens"]
 
 
 @pytest.mark.slow  # shares the ~35 s chain fixture (three runs)
@@ -140,7 +140,7 @@ def test_resuming_inside_a_stage_keeps_the_per_source_counts(chain, data_root, t
 def test_module_starts_from_a_model_directory_exactly(tmp_path):
     cfg = compose_train(["debug=fast", "model.sliding_window=null"])
     saved = save_model_dir(build_model(model_config(cfg)), tmp_path / "m")
-    module = PretrainModule(model=model_config(cfg).to_dict(), optim={}, total_tokens=1, global_batch_tokens=1,
+    module = PretrainModule(model=model_config(cfg).to_dict(), optim={}, total_tokens=1,
                             seq_len=64, init_from=str(saved))
     module.configure_model()
     module._start_from_model_dir(str(saved))

@@ -29,6 +29,23 @@ from danube.schedule import check_weights
 log = logging.getLogger(__name__)
 
 
+def _worker_init(worker_id: int) -> None:
+    """Loader workers leave SIGTERM and SIGINT to the training process.
+
+    A scheduler that signals the whole process group (SLURM, a terminal's Ctrl-C) would
+    otherwise kill the workers first, and the training process would die of "DataLoader
+    worker killed" instead of stopping at its next optimizer step with a checkpoint. A
+    worker still exits when the training process does.
+    """
+    import signal
+
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    pl_worker_init_function(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _Tag:
     """litdata transform: a block of token ids -> ``{"tokens": int64 tensor, "source": index}``."""
 
@@ -202,6 +219,7 @@ class PretrainDataModule(L.LightningDataModule):
         shuffle: Shuffle training blocks (validation is never shuffled).
         tokenizer_checksum: sha256 of the model's tokenizer; sources made with another are refused.
         val_batches: Validation batches per evaluation (None: all of the val splits).
+        world_size: Devices the batches are shared over: every one needs a full micro-batch.
     """
 
     def __init__(
@@ -215,6 +233,7 @@ class PretrainDataModule(L.LightningDataModule):
         shuffle: bool = True,
         tokenizer_checksum: str | None = None,
         val_batches: int | None = 50,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
         if seq_len < 1 or micro_batch_size < 1:
@@ -229,6 +248,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.tokenizer_checksum = tokenizer_checksum
         self.val_batches = val_batches
+        self.world_size = world_size
         if weights is not None:
             unknown = set(weights) - set(self.sources)
             missing = set(self.sources) - set(weights)
@@ -271,6 +291,17 @@ class PretrainDataModule(L.LightningDataModule):
                     f"({manifest['totals']['train']['tokens']} in all); prepare more data or lower seq_len"
                 )
             self.manifests[name] = manifest
+        if len(self.sources) == 1:
+            # One source is read in micro-batches by every rank: fewer blocks than that is no training at all.
+            (name, directory), = self.sources.items()
+            need = self.micro_batch_size * self.world_size
+            have = _blocks(directory / "train", block)
+            if have < need:
+                raise ValueError(
+                    f"data source {name!r} ({directory}) holds {have} training blocks of {block} tokens, fewer than "
+                    f"one micro-batch of {self.micro_batch_size} on each of {self.world_size} device(s) ({need}); "
+                    "prepare more data, or lower train.micro_batch_tokens or seq_len"
+                )
         if len(set(checksums.values())) > 1:
             raise ValueError(f"data sources were tokenized with different tokenizers: {checksums}")
         tokens = {n: m["totals"]["train"]["tokens"] for n, m in self.manifests.items()}
@@ -322,7 +353,8 @@ class PretrainDataModule(L.LightningDataModule):
         pin = torch.cuda.is_available()
         if len(streams) == 1:
             self._train_loader = loader_cls(streams[0], batch_size=self.micro_batch_size, num_workers=self.num_workers,
-                                            pin_memory=pin, drop_last=True)
+                                            pin_memory=pin, drop_last=True,
+                                            worker_init_fn=_worker_init if self.num_workers else None)
         else:
             # Each source's blocks are read in this process: a mixture draws one block at a time
             # from each source, and handing single blocks over a worker queue capped it at ~2.6M
@@ -348,7 +380,8 @@ class PretrainDataModule(L.LightningDataModule):
         from litdata import StreamingDataLoader
 
         loader = StreamingDataLoader(self._val, batch_size=self.micro_batch_size, num_workers=self.num_workers,
-                                     pin_memory=torch.cuda.is_available(), shuffle=False)
+                                     pin_memory=torch.cuda.is_available(), shuffle=False,
+                                     worker_init_fn=_worker_init if self.num_workers else None)
         return _Limited(loader, self.val_batches)
 
     # ---- resume

@@ -118,8 +118,12 @@ def _is_ready(root: Path, vocab_size: int) -> bool:
         log.warning("rebuilding the sample data in %s: %s", root, err)
         return False
     if tok.vocab_size != vocab_size:
-        log.warning("rebuilding the sample data in %s: the tokenizer's vocab size is not %d", root, vocab_size)
-        return False
+        # Runs and prepared sources elsewhere refer to this tokenizer by checksum: never replace it in place.
+        raise ValueError(
+            f"{root} holds the sample made with a {tok.vocab_size:,}-piece tokenizer, not {vocab_size:,} "
+            f"(data.vocab_size): give the other size its own directory, e.g. data.root={root}_{vocab_size} "
+            f"(or paths.data_dir=...), so the runs trained on {tok_path} keep their tokenizer"
+        )
     return _shards_match(root / SHARDS, tok.checksum)
 
 

@@ -101,8 +101,8 @@ class PretrainModule(L.LightningModule):
         model: ``DanubeConfig`` fields.
         optim: lr, min_lr, warmup_tokens, betas, eps, weight_decay, grad_clip, fused.
         total_tokens: tokens of the whole recipe (all stages): where the cosine ends.
-        global_batch_tokens: tokens per optimizer step across all devices.
         seq_len: this stage's sequence length (logged as ``train/seq_len``).
+        stage: this stage's name (recorded in checkpoints, so ``resume=PATH`` knows its stage).
         precision: the precision config (``fp8: true`` builds Transformer Engine layers).
         peak_flops: per-device peak for ``perf/mfu`` (None: not logged).
         init_from: a checkpoint of the previous stage to start from (weights, optimizer, tokens),
@@ -115,8 +115,8 @@ class PretrainModule(L.LightningModule):
         optim: dict,
         *,
         total_tokens: int,
-        global_batch_tokens: int,
         seq_len: int,
+        stage: str | None = None,
         precision: dict | None = None,
         log_every_n_steps: int = 10,
         loss_chunk_tokens: int = 4096,
@@ -139,6 +139,7 @@ class PretrainModule(L.LightningModule):
         self.source_tokens_total = [0] * len(source_names or [])  # all ranks, since the first stage
         self._last_log: tuple[float, int] | None = None
         self.last_val_tokens: int | None = None  # tokens seen at the last logged validation
+        self.last_train_loss: float | None = None  # the last logged train/loss
 
     # -- model ---------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -241,6 +242,7 @@ class PretrainModule(L.LightningModule):
                     metrics["perf/mfu"] = flops / self.hparams.peak_flops
         self._last_log = (now, self.tokens_seen)
         self._loss_sum, self._loss_count = None, 0
+        self.last_train_loss = metrics["train/loss"]
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=self.tokens_seen)
         # The console bar shows these at the logging interval: no host sync per micro-batch.
@@ -257,15 +259,16 @@ class PretrainModule(L.LightningModule):
             self.source_tokens_total[i] += int(count)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch["tokens"])
-        self.log("val/loss", loss, prog_bar=True, logger=False, sync_dist=True, batch_size=batch["tokens"].shape[0])
-        return loss
+        """One validation batch's mean loss; :class:`danube.callbacks.StepBoundary` runs the loop and averages."""
+        return self.loss(batch["tokens"])
 
-    def on_validation_epoch_end(self) -> None:
-        value = self.trainer.callback_metrics.get("val/loss")
-        if value is not None and self.logger is not None and not self.trainer.sanity_checking:
-            self.logger.log_metrics({"val/loss": float(value)}, step=self.tokens_seen)
-            self.last_val_tokens = self.tokens_seen
+    def log_validation(self, loss: float) -> None:
+        """Write ``val/loss`` at the tokens seen so far (rank zero's logger; the loss is already all-reduced)."""
+        if self.logger is not None:
+            self.logger.log_metrics({"val/loss": loss}, step=self.tokens_seen)
+        self.last_val_tokens = self.tokens_seen
+        if self.trainer.is_global_zero:
+            log.info("%s tokens: val/loss %.4f", f"{self.tokens_seen:,}", loss)
 
     # -- checkpoints and stages ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -274,6 +277,7 @@ class PretrainModule(L.LightningModule):
             "tokens_seen": self.tokens_seen,
             "model_config": self.config.to_dict(),
             "seq_len": self.hparams.seq_len,
+            "stage": self.hparams.stage,
             "tokenizer_checksum": self.hparams.tokenizer_checksum,
             "source_tokens": dict(zip(self.hparams.source_names or [], self.source_tokens_total)),
         }
@@ -314,11 +318,9 @@ class PretrainModule(L.LightningModule):
 
     def _start_from_model_dir(self, path: str) -> None:
         """A model directory's weights (every parameter, shapes checked); optimizer and counters start afresh."""
-        from safetensors.torch import load_file
+        from danube.model.io import check_state_dict, read_weights
 
-        from danube.model.io import WEIGHTS_FILE, check_state_dict
-
-        state = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")
+        state = read_weights(path)  # checksum-verified, finite
         check_state_dict(self.model, state, f"init_from={path}")
         # Not strict: TE's `_extra_state` and a tied lm_head are not in the file (checked just above).
         self.model.load_state_dict(state, strict=False)
@@ -326,7 +328,9 @@ class PretrainModule(L.LightningModule):
 
     def _start_from_previous_stage(self, path: str) -> None:
         """Weights, optimizer moments and tokens seen of the previous stage; loops start afresh."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        from danube.checkpoints import load_checkpoint
+
+        ckpt = load_checkpoint(path)
         self._check_tokenizer(ckpt, f"the previous stage's checkpoint {path}")
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
         self.model.load_state_dict(state, strict=True)

@@ -22,6 +22,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from danube.errors import MissingHardware
+
 Tensor = torch.Tensor
 
 
@@ -39,12 +41,12 @@ def resolve_backend(requested: str, device: torch.device, *, has_segments: bool,
         return "flex"
     if requested == "flash":
         if not flash_attn_available():
-            raise RuntimeError(
+            raise MissingHardware(
                 "attn_backend='flash' needs CUDA and the flash-attn package (pip install -e '.[gpu]'); "
                 "use attn_backend=sdpa on this machine"
             )
         if device.type != "cuda":
-            raise RuntimeError(f"attn_backend='flash' needs tensors on CUDA, got {device}")
+            raise MissingHardware(f"attn_backend='flash' needs tensors on CUDA, got {device}")
     # "flex" is allowed off CUDA: it runs eagerly (slowly) on CPU, so its tests run anywhere.
     return requested
 

@@ -1,37 +1,26 @@
-"""What every task shares: run directories, the Trainer, atomic checkpoints, validation."""
+"""What every task shares: the entry points' error boundary, run directories, the Trainer, hardware checks."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from danube.files import atomic_file, atomic_write_text
+from danube.checkpoints import AtomicCheckpointIO
+from danube.errors import MissingHardware
+from danube.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 # bf16 dense peak per device, FLOP/s (NVIDIA datasheets, SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file beside the target and rename it into place.
-
-    A kill mid-save leaves the previous checkpoint under the same name untouched.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        with atomic_file(path) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def hydra_mode_is_multirun() -> bool:
@@ -75,11 +64,12 @@ def check_trainer_config(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> 
 
     if trainer_cfg.accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"trainer.accelerator={trainer_cfg.accelerator} but no CUDA device is visible; use trainer=cpu"
+            raise MissingHardware(
+                f"trainer.accelerator={trainer_cfg.accelerator} but no CUDA device is visible on this machine "
+                "(a GPU build of torch and a GPU are needed); use trainer=cpu here"
             )
         if isinstance(trainer_cfg.devices, int) and trainer_cfg.devices > torch.cuda.device_count():
-            raise RuntimeError(
+            raise MissingHardware(
                 f"trainer.devices={trainer_cfg.devices} but this machine has {torch.cuda.device_count()} GPU(s)"
             )
     if precision_cfg.get("fp8"):
@@ -133,26 +123,18 @@ def build_trainer(
     accumulate: int,
     val_check_interval: int | None,
     callbacks: list | None = None,
-    checkpoint_every_n_steps: int | None = None,
+    limit_val_batches: int | float | None = None,
+    purge_step: int | None = None,
 ) -> L.Trainer:
-    """The Trainer of one stage (pretraining) or one fine-tuning run."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: F401
+    """The Trainer of one stage (pretraining) or one fine-tuning run.
+
+    Lightning's own checkpointing is off: pretraining writes its checkpoints at step
+    boundaries (:class:`danube.callbacks.StepBoundary`), fine-tuning writes model
+    directories. ``purge_step`` hides TensorBoard events at and after that step from an
+    earlier, killed attempt (a resumed run logs those steps again).
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    callbacks = list(callbacks or [])
-    if checkpoint_every_n_steps:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=stage_dir / "checkpoints",
-                filename="step{step:08d}",
-                auto_insert_metric_name=False,
-                every_n_train_steps=checkpoint_every_n_steps,
-                save_top_k=2,
-                monitor="step",
-                mode="max",
-                save_last=True,
-            )
-        )
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -164,11 +146,13 @@ def build_trainer(
         gradient_clip_val=cfg.optim.get("grad_clip"),
         val_check_interval=val_check_interval,
         check_val_every_n_epoch=None,
-        limit_val_batches=cfg.train.get("val_batches"),
+        limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
-        logger=TensorBoardLogger(save_dir=str(logger_dir), name="", version=logger_version, default_hp_metric=False),
-        callbacks=callbacks,
+        logger=TensorBoardLogger(save_dir=str(logger_dir), name="", version=logger_version, default_hp_metric=False,
+                                 purge_step=purge_step),
+        callbacks=list(callbacks or []),
         plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=cfg.train.get("log_every_n_steps", 10),
         default_root_dir=str(stage_dir),
@@ -179,3 +163,35 @@ def build_trainer(
 
 def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+# Errors a user can act on: a bad value, a missing or damaged file, a directory in use.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MissingHardware)
+
+
+def run_entry_point(script: str, task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run ``task(cfg)`` for ``train.py``/``finetune.py``/``evaluate.py`` with honest exit codes.
+
+    * A user error (a bad config value, a missing or damaged file, a run directory in
+      use) is one line on stderr, ``SCRIPT: error: ...``, and exit code 1;
+      ``DANUBE_TRACEBACK=1`` shows the traceback instead. In a multirun the error is
+      raised, so the sweeper records the job as failed and goes on.
+    * An interrupted run (SIGTERM, SIGINT) exits with 128 + the signal number after
+      saying which checkpoint survived and how to resume: never 0.
+    """
+    from danube.callbacks import Interrupted
+
+    try:
+        return task(cfg)
+    except Interrupted as err:
+        log.warning("%s: %s. Run the same command again to resume from it.", script, err)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        log.warning("%s: interrupted; the run's newest checkpoint survives: run the same command again to resume",
+                    script)
+        sys.exit(130)
+    except USER_ERRORS as err:
+        if os.environ.get("DANUBE_TRACEBACK") or hydra_mode_is_multirun():
+            raise
+        print(f"{script}: error: {err}\n(set DANUBE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)

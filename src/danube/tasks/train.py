@@ -1,13 +1,16 @@
-"""Pretraining: one or all stages of a recipe, resumable, with everything under ``run_dir``.
+"""Pretraining: one or all stages of a recipe, resumable after any kill, with everything under ``run_dir``.
 
 Run directory layout::
 
     run_dir/
-      config.yaml                     # the resolved config of the last invocation
+      .lock                           # held by the one process writing here
+      config.yaml                     # the resolved config of the newest invocation
+      history/NNNN-<time>.yaml        # every invocation's config, command line and changes
       tensorboard/<stage>/            # scalars with tokens seen as the x-axis
-      <stage>/checkpoints/last.ckpt   # periodic + last (atomic writes)
-      <stage>/final.ckpt              # written when the stage completes
+      <stage>/checkpoints/stepN.ckpt  # at optimizer-step boundaries; last.ckpt links to the newest
+      <stage>/final.ckpt              # the stage's end: what the next stage starts from
       <stage>/model/                  # the stage's weights as a danube model directory
+      <stage>/complete.json           # written last: the stage is complete
 
 A stage may set its own data mixture (``weights: {source: share}`` in the recipe; default
 ``data.weights``), and the first stage may start from a model directory's weights
@@ -16,7 +19,10 @@ A stage may set its own data mixture (``weights: {source: share}`` in the recipe
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,23 +30,38 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from danube.callbacks import StageProgressBar
+from danube import rundir
+from danube.callbacks import StageProgressBar, StepBoundary, mean_validation_loss
+from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact, step_checkpoints
 from danube.data.tokenizer import Tokenizer
+from danube.files import atomic_write_text, remove_stale_temps
 from danube.model import DanubeConfig
-from danube.model.io import check_state_dict, is_model_dir, save_model_dir, tokenizer_path
+from danube.model.io import check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
 from danube.schedule import StagePlan, check_weights, format_mixture, format_plan, plan_stages
-from danube.tasks.common import (
-    build_trainer,
-    check_trainer_config,
-    peak_flops,
-    resolve_run_dir,
-    save_resolved_config,
-    world_size,
-)
+from danube.tasks.common import build_trainer, check_trainer_config, peak_flops, resolve_run_dir, world_size
 
 log = logging.getLogger(__name__)
 
 RESUME_CHOICES = ("auto", "never")
+COMPLETE_FILE = "complete.json"
+FINAL_CKPT = "final.ckpt"
+
+# What a run directory's recorded config is compared on (see danube.rundir.check_changes).
+IDENTITY_KEYS = ("model", "data", "recipe", "seed", "init_from", "train.global_batch_tokens",
+                 "train.micro_batch_tokens", "trainer.devices", "trainer.num_nodes")
+COSMETIC_KEYS = ("model.attn_backend", "model._target_", "data.num_workers", "data.root", "train.log_every_n_steps",
+                 "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
+                 "train.keep_checkpoints", "train.compile", "train.activation_checkpointing",
+                 "train.loss_chunk_tokens", "train.max_steps", "perf")
+IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths")
+
+# The keys each section may have: a misspelt one (`+train.lrr=1`) is an error, not ignored.
+TRAIN_KEYS = {"global_batch_tokens", "micro_batch_tokens", "log_every_n_steps", "val_every_n_steps", "val_batches",
+              "checkpoint_every_n_steps", "keep_checkpoints", "max_steps", "compile", "activation_checkpointing",
+              "loss_chunk_tokens"}
+OPTIM_KEYS = {"lr", "min_lr", "warmup_tokens", "betas", "eps", "weight_decay", "grad_clip", "fused"}
+TOP_KEYS = {"model", "data", "optim", "recipe", "stage", "trainer", "precision", "paths", "name", "run_dir", "resume",
+            "init_from", "seed", "plan", "plan_tokens_per_sec", "train", "perf"}
 
 
 @dataclass
@@ -50,6 +71,7 @@ class TrainResult:
     tokens_seen: int
     final_train_loss: float | None
     final_val_loss: float | None
+    complete: bool = True  # False: stopped early at train.max_steps
 
 
 def stage_plans(cfg: DictConfig) -> list[StagePlan]:
@@ -86,8 +108,60 @@ def model_choice(cfg: DictConfig) -> str:
     return HydraConfig.get().runtime.choices.get("model", "?") if HydraConfig.initialized() else "?"
 
 
+def _check_keys(section, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(section.keys()) - allowed)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{where}{k}' for k in unknown)}; "
+                         f"{where.rstrip('.') or 'the top level'} has {', '.join(sorted(allowed))}")
+
+
+def _number(cfg_section, key: str, where: str, *, integer: bool = False, minimum: float | None = None,
+            above: float | None = None, optional: bool = False):
+    value = cfg_section.get(key)
+    if value is None and optional:
+        return None
+    kind = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{where}{key}={value!r} must be {'an integer' if integer else 'a finite number'}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{where}{key}={value!r} must be >= {minimum}")
+    if above is not None and value <= above:
+        raise ValueError(f"{where}{key}={value!r} must be > {above}")
+    return value
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Names and ranges of the train and optim settings: a typo or a negative LR fails here, not at step 1000."""
+    _check_keys(cfg, TOP_KEYS, "")
+    _check_keys(cfg.train, TRAIN_KEYS, "train.")
+    _check_keys(cfg.optim, OPTIM_KEYS, "optim.")
+    t, o = cfg.train, cfg.optim
+    for key in ("global_batch_tokens", "micro_batch_tokens", "log_every_n_steps", "val_every_n_steps",
+                "keep_checkpoints", "loss_chunk_tokens"):
+        _number(t, key, "train.", integer=True, minimum=1)
+    _number(t, "checkpoint_every_n_steps", "train.", integer=True, minimum=0)
+    _number(t, "val_batches", "train.", integer=True, minimum=0, optional=True)
+    _number(t, "max_steps", "train.", integer=True, minimum=1, optional=True)
+    lr = _number(o, "lr", "optim.", above=0)
+    min_lr = _number(o, "min_lr", "optim.", minimum=0)
+    if min_lr > lr:
+        raise ValueError(f"optim.min_lr={min_lr} is above optim.lr={lr}: the cosine decays from lr to min_lr")
+    _number(o, "warmup_tokens", "optim.", integer=True, minimum=0)
+    _number(o, "eps", "optim.", above=0)
+    _number(o, "weight_decay", "optim.", minimum=0)
+    _number(o, "grad_clip", "optim.", above=0, optional=True)
+    betas = list(o.betas) if o.get("betas") is not None else []
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"optim.betas={betas} must be two numbers in [0, 1)")
+    if o.get("fused", "auto") not in ("auto", True, False):
+        raise ValueError(f"optim.fused={o.fused!r}; allowed: auto, true, false")
+
+
 def validate(cfg: DictConfig) -> list[StagePlan]:
     """Every check that can fail, before any data is read or any weight is built."""
+    if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere; a run needs its hardware first
+        check_trainer_config(cfg.trainer, cfg.precision)
+    check_values(cfg)
     resume = str(cfg.resume)
     if resume not in RESUME_CHOICES and not Path(resume).is_file():
         raise ValueError(f"resume={resume!r}: expected auto, never, or the path of an existing .ckpt file")
@@ -98,10 +172,8 @@ def validate(cfg: DictConfig) -> list[StagePlan]:
         if p.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"stage {p.name}: seq_len={p.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     check_mixtures(cfg, plans)
-    if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere
-        check_trainer_config(cfg.trainer, cfg.precision)
-        if cfg.get("init_from"):
-            check_init_from(Path(cfg.init_from), model_cfg)
+    if not cfg.plan and cfg.get("init_from"):
+        check_init_from(Path(cfg.init_from), model_cfg)
     return plans
 
 
@@ -166,10 +238,10 @@ def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
 
     Only the safetensors header is read: a 1.8B directory is checked in milliseconds.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from danube.model import build_model
-    from danube.model.io import WEIGHTS_FILE
+    from danube.model.io import WEIGHTS_FILE, CorruptFileError
 
     if not is_model_dir(path):
         raise FileNotFoundError(f"init_from={path}: not a danube model directory (config.yaml + model.safetensors)")
@@ -177,8 +249,11 @@ def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
         raise FileNotFoundError(
             f"init_from={path} has no tokenizer.model: the run cannot check that its data uses the model's tokenizer"
         )
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CorruptFileError(f"corrupt file {path / WEIGHTS_FILE}: not a readable safetensors file ({err})") from err
     check_state_dict(build_model(model_cfg, device="meta"), shapes, f"init_from={path}")
 
 
@@ -215,6 +290,180 @@ def prepare_data(cfg: DictConfig) -> tuple[dict[str, str], dict[str, float] | No
     return sources, weights, Tokenizer(data.tokenizer)
 
 
+# -- stages in a run directory ----------------------------------------------------------------
+def read_complete(stage_dir: Path) -> dict | None:
+    """A stage's completion record, if the stage is complete (record written, model directory in place)."""
+    record = stage_dir / COMPLETE_FILE
+    if not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except json.JSONDecodeError as err:
+        log.warning("%s is not valid JSON (%s): the stage is treated as unfinished", record, err)
+        return None
+    if not isinstance(data, dict) or not is_model_dir(stage_dir / "model"):
+        return None
+    return data
+
+
+def write_complete(stage_dir: Path, result: TrainResult, plan: StagePlan) -> None:
+    atomic_write_text(stage_dir / COMPLETE_FILE, json.dumps({
+        "stage": plan.name, "tokens_seen": result.tokens_seen, "steps": plan.steps,
+        "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
+        "model_dir": "model", "checkpoint": FINAL_CKPT,
+    }, indent=2) + "\n")
+
+
+def model_from_checkpoint(ckpt: dict):
+    """The Danube model held by a pretraining checkpoint (TE's ``_extra_state`` dropped)."""
+    from danube.model import build_model
+    from danube.model.io import load_weights
+
+    cfg = DanubeConfig.from_dict(ckpt["danube"]["model_config"])
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if not k.endswith("._extra_state")}
+    return load_weights(build_model(cfg, device="meta"), state, "checkpoint")
+
+
+def finish_from_final(stage_dir: Path, plan: StagePlan, tokenizer: Tokenizer, run_dir: Path) -> dict | None:
+    """Complete a stage whose ``final.ckpt`` is written: its model directory (if missing) and its record.
+
+    This is where a stage killed between its final checkpoint and its record resumes.
+    Returns the record, or None when there is no intact final checkpoint at the stage's end.
+    """
+    final = stage_dir / FINAL_CKPT
+    if not final.is_file():
+        return None
+    problem = check_checkpoint(final)
+    if problem:
+        aside = final.with_name(final.name + ".corrupt")
+        os.replace(final, aside)
+        log.warning("%s is damaged (%s): moved to %s; stage %s resumes from its step checkpoints", final, problem,
+                    aside.name, plan.name)
+        return None
+    ckpt = load_checkpoint(final, mmap=True)
+    tokens = int(ckpt["danube"]["tokens_seen"])
+    if tokens != plan.end_tokens:
+        return None
+    if not is_model_dir(stage_dir / "model"):
+        save_model_dir(model_from_checkpoint(ckpt), stage_dir / "model", tokenizer=tokenizer.model_file)
+    train, val = logged_losses(run_dir, plan)
+    write_complete(stage_dir, TrainResult(run_dir, stage_dir / "model", tokens, train, val), plan)
+    return read_complete(stage_dir)
+
+
+def logged_losses(run_dir: Path, plan: StagePlan) -> tuple[float | None, float | None]:
+    """(last train loss, last val loss) logged within the stage's token range."""
+    from danube.plot import read_scalars
+
+    try:
+        scalars = read_scalars(run_dir)
+    except FileNotFoundError:
+        return None, None
+    last = [next((v for t, v in reversed(scalars.get(tag, [])) if plan.start_tokens < t <= plan.end_tokens), None)
+            for tag in ("train/loss", "val/loss")]
+    return last[0], last[1]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at (memory-mapped: nothing but the header is read)."""
+    return int(load_checkpoint(path, mmap=True)["global_step"])
+
+
+def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_dir: Path) -> tuple[str | None, str | None]:
+    """(ckpt_path to resume this stage from, what to start from: the previous stage's final checkpoint or init_from)."""
+    resume = str(cfg.resume)
+    if resume not in RESUME_CHOICES and resume_stage(cfg, plans) == plan.name:
+        return resume, None
+    if resume == "auto":
+        found = newest_intact(run_dir / plan.name / "checkpoints")
+        if found is not None:
+            return str(found[1]), None
+    if plan.index == 0:
+        return None, (str(cfg.init_from) if cfg.get("init_from") else None)
+    prev = plans[plan.index - 1]
+    final = run_dir / prev.name / FINAL_CKPT
+    if not final.is_file():
+        raise FileNotFoundError(
+            f"stage {plan.name} starts from stage {prev.name}'s final checkpoint, {final}, which does not exist: "
+            f"run stage={prev.name} first (same run_dir), or stage=all"
+        )
+    problem = check_checkpoint(final)
+    if problem:
+        raise ValueError(
+            f"corrupt file {final} ({problem}): stage {plan.name} cannot start from it. Move it and "
+            f"{run_dir / prev.name / COMPLETE_FILE} away and run stage={prev.name} again: it resumes from its newest "
+            "intact step checkpoint, if one is left"
+        )
+    load_checkpoint(final, mmap=True)  # refuses anything but tensors and plain values, before any set-up
+    return None, str(final)
+
+
+def resume_stage(cfg: DictConfig, plans: list[StagePlan]) -> str:
+    """The stage a ``resume=PATH`` checkpoint belongs to (read from the checkpoint, memory-mapped)."""
+    path = Path(str(cfg.resume))
+    problem = check_checkpoint(path)
+    if problem:
+        raise ValueError(f"resume={path}: {problem}")
+    ckpt = load_checkpoint(path, mmap=True)
+    info = ckpt.get("danube") if isinstance(ckpt, dict) else None
+    if not info:
+        raise ValueError(f"resume={path} is not a danube pretraining checkpoint (no 'danube' entry)")
+    name = info.get("stage")
+    if name is None:  # checkpoints before stage names were recorded: the stage with that sequence length
+        names = [p.name for p in plans if p.seq_len == info.get("seq_len")]
+        name = names[0] if len(names) == 1 else None
+    if name not in [p.name for p in plans]:
+        raise ValueError(f"resume={path} belongs to stage {name!r}, which is not in this recipe "
+                         f"({', '.join(p.name for p in plans)})")
+    return name
+
+
+def check_resume_path(cfg: DictConfig, plans: list[StagePlan], run_dir: Path) -> None:
+    """``resume=PATH`` applies to the stage it was saved in, which must be selected; the stages before it must be complete."""
+    if str(cfg.resume) in RESUME_CHOICES:
+        return
+    name = resume_stage(cfg, plans)
+    selected = [p.name for p in selected_stages(cfg, plans)]
+    if name not in selected:
+        raise ValueError(f"resume={cfg.resume} is a checkpoint of stage {name}, but stage={cfg.stage} "
+                         f"runs {', '.join(selected)}; pass stage={name} or stage=all")
+    for p in plans[: [q.name for q in plans].index(name)]:
+        if p.name in selected and read_complete(run_dir / p.name) is None:
+            raise ValueError(f"resume={cfg.resume} is a checkpoint of stage {name}, but the earlier stage {p.name} "
+                             f"is not complete in {run_dir}; run it first, or pass stage={name}")
+
+
+def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    if str(cfg.resume) == "never" and (any(run_dir.glob("*/checkpoints/*.ckpt")) or any(run_dir.glob(f"*/{COMPLETE_FILE}"))):
+        raise FileExistsError(
+            f"resume=never but {run_dir} already holds checkpoints; choose another run_dir "
+            "(or resume=auto to continue it) -- nothing was overwritten"
+        )
+
+
+def check_finished_models(run_dir: Path, plans: list[StagePlan], model_cfg: DanubeConfig) -> None:
+    """A completed stage's model directory must have the configured architecture (a hand-edited run dir, say)."""
+    ours = {**model_cfg.to_dict(), "attn_backend": None}
+    for plan in plans:
+        model_dir = run_dir / plan.name / "model"
+        if read_complete(run_dir / plan.name) is None:
+            continue
+        theirs = {**read_config(model_dir).to_dict(), "attn_backend": None}
+        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+        if differ:
+            raise rundir.ConfigChanged(
+                f"{model_dir} holds a model with other values of {', '.join(f'model.{k}' for k in differ)} than "
+                f"this config ({', '.join(f'{theirs.get(k)!r} -> {ours[k]!r}' for k in differ)}); use another run_dir"
+            )
+
+
+def recorded_config(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> dict:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if tokenizer is not None:
+        config["data"]["tokenizer_sha256"] = tokenizer.checksum
+    return config
+
+
 def run(cfg: DictConfig) -> TrainResult | None:
     """Train the selected stage(s). With ``plan=true``, print the schedule and return None."""
     plans = validate(cfg)
@@ -234,44 +483,47 @@ def run(cfg: DictConfig) -> TrainResult | None:
     if cfg.get("init_from"):
         check_init_tokenizer(Path(cfg.init_from), tokenizer)
     run_dir = resolve_run_dir(cfg)
+    with rundir.lock(run_dir):
+        return _run_locked(cfg, plans, run_dir, model_cfg, sources, weights, tokenizer)
+
+
+def _run_locked(cfg: DictConfig, plans: list[StagePlan], run_dir: Path, model_cfg: DanubeConfig, sources, weights,
+                tokenizer: Tokenizer) -> TrainResult:
+    selected = selected_stages(cfg, plans)
     check_fresh_run_dir(cfg, run_dir)
-    save_resolved_config(cfg, run_dir)
+    recorded = rundir.read_recorded(run_dir)
+    finished = all(read_complete(run_dir / p.name) is not None for p in selected)
+    changes = rundir.check_changes(run_dir, recorded, recorded_config(cfg), identity=IDENTITY_KEYS,
+                                   cosmetic=COSMETIC_KEYS, ignore=IGNORED_KEYS + ("data.tokenizer_sha256",),
+                                   finished=finished)
+    check_finished_models(run_dir, plans, model_cfg)
+    check_resume_path(cfg, plans, run_dir)
+    recorded_tok = ((recorded or {}).get("data") or {}).get("tokenizer_sha256")
+    if recorded_tok and recorded_tok != tokenizer.checksum:
+        raise rundir.ConfigChanged(
+            f"{run_dir} was trained on data tokenized with another tokenizer (sha256 {recorded_tok[:12]}...) than "
+            f"this run's {tokenizer.model_file} (sha256 {tokenizer.checksum[:12]}...); use another run_dir"
+        )
+    if rundir.is_rank_zero():
+        remove_stale_temps(run_dir, recursive=True)
+        rundir.record_invocation(run_dir, recorded_config(cfg, tokenizer), changes)
     L.seed_everything(int(cfg.seed), workers=True)
     total_tokens = plans[-1].end_tokens
     result = None
-    for plan in selected_stages(cfg, plans):
+    for plan in selected:
         result = run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer)
+        if not result.complete:
+            log.warning("stopped at train.max_steps=%d in stage %s (%s of %s tokens): the run is not finished; "
+                        "the same command without train.max_steps continues it", cfg.train.max_steps, plan.name,
+                        f"{result.tokens_seen:,}", f"{plan.end_tokens:,}")
+            break
     log.info("run directory %s: TensorBoard logs in %s, model in %s", run_dir, run_dir / "tensorboard",
              result.model_dir)
     return result
 
 
-def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    if str(cfg.resume) == "never" and any(run_dir.glob("*/checkpoints/*.ckpt")):
-        raise FileExistsError(
-            f"resume=never but {run_dir} already holds checkpoints; choose another run_dir "
-            "(or resume=auto to continue it) -- nothing was overwritten"
-        )
-
-
-def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_dir: Path) -> tuple[str | None, str | None]:
-    """(ckpt_path to resume this stage from, what to start from: the previous stage's checkpoint or init_from)."""
-    resume = str(cfg.resume)
-    if resume not in RESUME_CHOICES:
-        return resume, None
-    last = run_dir / plan.name / "checkpoints" / "last.ckpt"
-    if resume == "auto" and last.is_file():
-        return str(last), None
-    if plan.index == 0:
-        return None, (str(cfg.init_from) if cfg.get("init_from") else None)
-    prev = plans[plan.index - 1]
-    final = run_dir / prev.name / "final.ckpt"
-    if not final.is_file():
-        raise FileNotFoundError(
-            f"stage {plan.name} starts from stage {prev.name}'s final checkpoint, {final}, which does not exist: "
-            f"run stage={prev.name} first (same run_dir), or stage=all"
-        )
-    return None, str(final)
+def tokens_at_step(plan: StagePlan, step: int, global_batch_tokens: int) -> int:
+    return plan.start_tokens + step * global_batch_tokens
 
 
 def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer) -> TrainResult:
@@ -279,56 +531,89 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
 
     stage_dir = run_dir / plan.name
     model_dir = stage_dir / "model"
-    if (stage_dir / "final.ckpt").is_file() and str(cfg.resume) == "auto":
-        log.info("stage %s is already complete (%s): skipping", plan.name, stage_dir / "final.ckpt")
-        ckpt = torch.load(stage_dir / "final.ckpt", map_location="cpu", weights_only=False)
-        return TrainResult(run_dir, model_dir, int(ckpt["danube"]["tokens_seen"]), *logged_losses(run_dir, plan))
+    if str(cfg.resume) == "auto":
+        done = read_complete(stage_dir)
+        if done is None and rundir.is_rank_zero():
+            done = finish_from_final(stage_dir, plan, tokenizer, run_dir)
+        if done is not None:
+            log.info("stage %s is already complete (%s): skipping", plan.name, stage_dir / COMPLETE_FILE)
+            return TrainResult(run_dir, model_dir, int(done["tokens_seen"]), done.get("final_train_loss"),
+                               done.get("final_val_loss"))
     ckpt_path, init_from = stage_start(cfg, plan, plans, run_dir)
+    resumed_step = checkpoint_step(ckpt_path) if ckpt_path else 0
+    max_steps = plan.steps if cfg.train.get("max_steps") is None else min(plan.steps, int(cfg.train.max_steps))
     log.info("stage %s: seq_len %d, %s tokens, %d steps, micro-batch %d x %d accumulation%s", plan.name,
              plan.seq_len, f"{plan.tokens:,}", plan.steps, plan.micro_batch_size, plan.grad_accum,
-             f", resuming {ckpt_path}" if ckpt_path else (f", from {init_from}" if init_from else ""))
+             f", resuming {ckpt_path} (step {resumed_step})" if ckpt_path else (f", from {init_from}" if init_from else ""))
     if plan.weights is not None:
         weights = plan.weights
     log.info("stage %s mixture: %s", plan.name, format_mixture(weights) if weights else "proportional to tokens")
     datamodule = PretrainDataModule(
         sources=sources, weights=weights, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
         seed=int(cfg.seed) + plan.index, num_workers=int(cfg.data.num_workers),
-        tokenizer_checksum=tokenizer.checksum, val_batches=cfg.train.val_batches,
+        tokenizer_checksum=tokenizer.checksum, val_batches=cfg.train.val_batches, world_size=world_size(cfg.trainer),
     )
     module = build_module(cfg, plan, total_tokens, init_from, tokenizer, list(sources))
-    accumulate = plan.grad_accum
+    # A resumed (or restarted) stage logs its steps again: hide what an earlier attempt logged after its checkpoint.
+    events = any((run_dir / "tensorboard" / plan.name).glob("events.out.tfevents.*"))
+    purge = tokens_at_step(plan, resumed_step, int(cfg.train.global_batch_tokens)) + 1 if events else None
+    boundary = StepBoundary(
+        stage_dir / "checkpoints", every_n_steps=int(cfg.train.checkpoint_every_n_steps),
+        keep=int(cfg.train.keep_checkpoints), last_step=max_steps,
+        val_every_n_steps=None if cfg.train.val_batches == 0 else min(int(cfg.train.val_every_n_steps), plan.steps),
+    )
     trainer = build_trainer(
         cfg, stage_dir=stage_dir, logger_dir=run_dir / "tensorboard", logger_version=plan.name,
-        max_steps=plan.steps, accumulate=accumulate,
-        val_check_interval=min(int(cfg.train.val_every_n_steps), plan.steps) * accumulate,
-        checkpoint_every_n_steps=int(cfg.train.checkpoint_every_n_steps),
-        callbacks=[StageProgressBar(f"{plan.name} (seq {plan.seq_len})")],
+        max_steps=max_steps, accumulate=plan.grad_accum, val_check_interval=plan.grad_accum, limit_val_batches=0,
+        callbacks=[boundary, StageProgressBar(f"{plan.name} (seq {plan.seq_len})")], purge_step=purge,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    train = trainer.callback_metrics.get("train/loss")  # trainer.validate below resets callback_metrics
-    if module.last_val_tokens != module.tokens_seen and trainer.limit_val_batches != 0:
-        # Validation runs every val_every_n_steps; a stage's last step need not be one of
-        # them, and its val loss is the one that matters (Figure 1, a sweep's objective).
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(stage_dir / "final.ckpt", weights_only=False)  # optimizer too: the next stage continues it
-    if trainer.is_global_zero:
-        save_model_dir(module.model, model_dir, tokenizer=tokenizer.model_file)
-    val = trainer.callback_metrics.get("val/loss")
-    return TrainResult(run_dir, model_dir, module.tokens_seen,
-                       None if train is None else float(train), None if val is None else float(val))
+    val_loader = None
+
+    def validate_once() -> float | None:
+        nonlocal val_loader
+        if val_loader is None:
+            val_loader = datamodule.val_dataloader()
+        loss = mean_validation_loss(trainer, val_loader, trainer.strategy.validation_step)
+        if loss is not None:
+            module.log_validation(loss)
+        return loss
+
+    boundary.validate = validate_once
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    expected = tokens_at_step(plan, max_steps, int(cfg.train.global_batch_tokens))
+    if module.tokens_seen != expected:
+        raise RuntimeError(
+            f"stage {plan.name} ended at {module.tokens_seen:,} tokens instead of {expected:,}: the training data ran "
+            "out of full micro-batches, or the loop stopped early; nothing was marked complete"
+        )
+    train = module.last_train_loss
+    val = boundary.last_val[1] if boundary.last_val is not None else None
+    result = TrainResult(run_dir, model_dir, module.tokens_seen, train, val, complete=max_steps == plan.steps)
+    if result.complete and trainer.is_global_zero:
+        # The last step's checkpoint: written by this fit, or the one it resumed from at the stage's end.
+        last = boundary.last_saved or (Path(ckpt_path) if ckpt_path and resumed_step == max_steps else None)
+        if last is None or not last.is_file():
+            raise RuntimeError(f"stage {plan.name} finished without a checkpoint of its last step ({max_steps})")
+        link_final(last, stage_dir / FINAL_CKPT)
+        # Written from the checkpoint rather than the module: the same full state dict under every strategy.
+        save_model_dir(model_from_checkpoint(load_checkpoint(last, mmap=True)), model_dir, tokenizer=tokenizer.model_file)
+        write_complete(stage_dir, result, plan)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other ranks go on to the next stage, which starts from final.ckpt
+    return result
 
 
-def logged_losses(run_dir: Path, plan: StagePlan) -> tuple[float | None, float | None]:
-    """(last train loss, last val loss) a finished stage logged: what its run returned then."""
-    from danube.plot import read_scalars
+def link_final(last: Path, final: Path) -> None:
+    """``final.ckpt`` is the stage's last step checkpoint: a hard link (no second copy on disk), else a copy."""
+    import shutil
 
-    try:
-        scalars = read_scalars(run_dir)
-    except FileNotFoundError:
-        return None, None
-    last = [next((v for t, v in reversed(scalars.get(tag, [])) if plan.start_tokens < t <= plan.end_tokens), None)
-            for tag in ("train/loss", "val/loss")]
-    return last[0], last[1]
+    from danube.files import atomic_file
+
+    with atomic_file(final) as tmp:
+        try:
+            os.link(last, tmp)
+        except OSError:
+            shutil.copyfile(last, tmp)
 
 
 def build_module(cfg, plan: StagePlan, total_tokens: int, init_from: str | None, tokenizer: Tokenizer,
@@ -341,8 +626,8 @@ def build_module(cfg, plan: StagePlan, total_tokens: int, init_from: str | None,
         model=model_cfg,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         total_tokens=total_tokens,
-        global_batch_tokens=int(cfg.train.global_batch_tokens),
         seq_len=plan.seq_len,
+        stage=plan.name,
         precision=OmegaConf.to_container(cfg.precision, resolve=True),
         log_every_n_steps=int(cfg.train.log_every_n_steps),
         loss_chunk_tokens=int(cfg.train.loss_chunk_tokens),
