@@ -75,8 +75,13 @@ def test_config_errors_come_before_any_work(tiny_model_dir, chat_files, tmp_path
     with pytest.raises(ValueError, match="format='metamath' is not dpo data"):
         run(compose_finetune(base + ["loss=dpo", "chat_data=metamathqa",
                                      f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
-    with pytest.raises(FileNotFoundError, match="chat_data.sources.openorca.path=.*no such file"):
-        run(compose_finetune(base + ["chat_data=openorca"]))
+    with pytest.raises(FileNotFoundError, match="chat_data.sources.openorca.path=.*no such file or directory"):
+        run(compose_finetune(base + ["chat_data=openorca", f"chat_data.sources.openorca.path={tmp_path / 'nope'}"]))
+    with pytest.raises(ValueError, match="chat_data.sources.openorca: unknown key.s. splt; allowed: path, hub, split"):
+        run(compose_finetune(base + ["chat_data=openorca", "+chat_data.sources.openorca.splt=train"]))
+    with pytest.raises(ValueError, match="train.val_fraction=1.5: must be in"):
+        run(compose_finetune(base + ["chat_data=metamathqa", "train.val_fraction=1.5",
+                                     f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
     with pytest.raises(ValueError, match="truncation='cut'"):
         run(compose_finetune(base + ["chat_data=metamathqa", "train.truncation=cut",
                                      f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))

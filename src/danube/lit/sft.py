@@ -1,5 +1,8 @@
 """Supervised fine-tuning as a LightningModule: every parameter, loss on assistant tokens only.
 
+Validation (a held-out set, see ``train.val_fraction``): ``val/loss`` is the summed token
+loss of the whole set divided by its answer-token count, over all ranks together.
+
 Loss normalisation: each micro-batch carries ``step_loss_tokens``, the trained tokens of
 its whole optimizer step on all ranks (see :class:`danube.data.sft.StepBatches`). A
 micro-batch contributes ``sum of its token losses / step_loss_tokens``, so the
@@ -62,6 +65,18 @@ class FinetuneModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
+    # -- validation: sums over the whole held-out set, reduced over ranks, logged once per pass
+    VAL_SUMS = 0  # how many sums a subclass's validation_step adds up
+    last_val_step: int | None = None  # the optimizer step of the last validation pass
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_sums = torch.zeros(self.VAL_SUMS, dtype=torch.float64, device=self.device)
+
+    def reduced_val_sums(self) -> torch.Tensor:
+        """The validation sums of every rank added up (each rank may hold a different share)."""
+        self.last_val_step = self.global_step
+        return self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
+
     def loss_scale(self) -> float:
         """Undo Lightning's division by the accumulation count and DDP's mean over ranks."""
         if self._trainer is None:
@@ -84,3 +99,16 @@ class SFTModule(FinetuneModule):
         self.log("train/loss", loss_sum / count.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/answer_tokens", count.float(), on_step=True, on_epoch=False, reduce_fx="sum")
         return share * self.loss_scale()
+
+    VAL_SUMS = 2  # summed token loss, answer tokens
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.model(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
+        loss_sum, count = token_loss_sum(logits, batch["labels"])
+        self.val_sums += torch.stack([loss_sum.double(), count.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        loss_sum, tokens = self.reduced_val_sums()
+        # Already summed over ranks: the mean over ranks of equal values is that value.
+        self.log("val/loss", (loss_sum / tokens.clamp(min=1)).float(), sync_dist=True)
+        self.log("val/answer_tokens", tokens.float(), sync_dist=True)
