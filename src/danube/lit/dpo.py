@@ -71,6 +71,5 @@ class DPOModule(FinetuneModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.reduced_val_sums()
         pairs = sums[-1]
-        for key, total in zip(self.VAL_TERMS, sums[:-1]):
-            self.log(f"val/{key}", (total / pairs.clamp(min=1)).float(), sync_dist=True)
-        self.log("val/pairs", pairs.float(), sync_dist=True)
+        means = {f"val/{key}": total / pairs.clamp(min=1) for key, total in zip(self.VAL_TERMS, sums[:-1])}
+        self.log_validation({**means, "val/pairs": pairs})

@@ -77,6 +77,18 @@ class FinetuneModule(L.LightningModule):
         self.last_val_step = self.global_step
         return self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
 
+    def log_validation(self, values: dict[str, torch.Tensor]) -> None:
+        """Log one validation pass at the step axis of the training step it follows.
+
+        Lightning logs ``train/*`` at the 0-based index of the optimizer step, and a
+        validation inside ``fit`` there too, but ``trainer.validate`` after the last step
+        one further: written here, every pass lands beside the training step it follows.
+        """
+        for key, value in values.items():  # already summed over ranks: the mean of equal values is the value
+            self.log(key, value.float(), logger=False, sync_dist=True)
+        if self.logger is not None and not self.trainer.sanity_checking:
+            self.logger.log_metrics({k: float(v) for k, v in values.items()}, step=max(self.global_step - 1, 0))
+
     def loss_scale(self) -> float:
         """Undo Lightning's division by the accumulation count and DDP's mean over ranks."""
         if self._trainer is None:
@@ -109,6 +121,4 @@ class SFTModule(FinetuneModule):
 
     def on_validation_epoch_end(self) -> None:
         loss_sum, tokens = self.reduced_val_sums()
-        # Already summed over ranks: the mean over ranks of equal values is that value.
-        self.log("val/loss", (loss_sum / tokens.clamp(min=1)).float(), sync_dist=True)
-        self.log("val/answer_tokens", tokens.float(), sync_dist=True)
+        self.log_validation({"val/loss": loss_sum / tokens.clamp(min=1), "val/answer_tokens": tokens})
