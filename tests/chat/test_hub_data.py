@@ -128,3 +128,22 @@ def test_hub_ids_are_read_through_load_dataset_from_its_cache(tiny_model_dir, tm
         result = run(cfg)
     assert result.data_counts["rows"] == 12 and result.data_counts["samples"] == 12
     assert "12 rows from HuggingFaceH4/ultrachat_200k split train_sft (ultrachat_200k-train_sft.arrow)" in caplog.text
+
+
+def test_oasst2_pairs_reads_a_local_copy_or_the_hub_id(tmp_path, offline_datasets, capsys):
+    from danube.cli import main
+    from danube.data.preference import read_pairs
+
+    local = local_copy(tmp_path / "hub", "OpenAssistant/oasst2")
+    out = tmp_path / "pairs.jsonl"
+    assert main(["oasst2-pairs", str(local), str(out), "--lang", "en"]) == 0
+    printed = capsys.readouterr().out
+    assert f"read 50 message rows from {local} split train (train-00000-of-00001-" in printed
+    assert "pairs written: 8 (language en)" in printed and len(read_pairs(out, "pairs")) == 8
+    assert main(["oasst2-pairs", str(local), str(out), "--split", "validation"]) == 0
+    assert "pairs written: 3" in capsys.readouterr().out
+    assert main(["oasst2-pairs", str(local), str(out), "--split", "test"]) == 1
+    assert "has no split 'test'; splits found: train, validation" in capsys.readouterr().err
+    cache_as_hub(local, "OpenAssistant/oasst2", offline_datasets)
+    assert main(["oasst2-pairs", "hub:OpenAssistant/oasst2", str(out)]) == 0
+    assert "read 50 message rows from OpenAssistant/oasst2 split train (oasst2-train.arrow)" in capsys.readouterr().out
