@@ -15,6 +15,7 @@ from danube.data.records import RecordError, Source, SourceError
 from danube.data.sft import open_conversations, read_conversations
 from danube.tasks.finetune import run
 from tests.chat.conftest import compose_finetune, qa
+from tests.conftest import CONF
 from tests.chat.hub_layouts import REJECTED, cache_as_hub, local_copy
 
 CPU = ["trainer=cpu", "precision=fp32", "export_hf=false", "train.max_seq_len=256", "train.log_every_n_steps=1"]
@@ -147,3 +148,40 @@ def test_oasst2_pairs_reads_a_local_copy_or_the_hub_id(tmp_path, offline_dataset
     cache_as_hub(local, "OpenAssistant/oasst2", offline_datasets)
     assert main(["oasst2-pairs", "hub:OpenAssistant/oasst2", str(out)]) == 0
     assert "read 50 message rows from OpenAssistant/oasst2 split train (oasst2-train.arrow)" in capsys.readouterr().out
+
+
+def test_the_report_experiments_run_from_hub_ids(tiny_model_dir, tmp_path, offline_datasets, caplog):
+    """danube_chat_sft, _dpo1 and _dpo2 as configured (Hub ids), the data in the datasets cache."""
+    for hub_id in ("Open-Orca/OpenOrca", "meta-math/MetaMathQA", "HuggingFaceH4/ultrachat_200k",
+                   "OpenAssistant/oasst2", "HuggingFaceH4/ultrafeedback_binarized", "Intel/orca_dpo_pairs",
+                   "argilla/distilabel-math-preference-dpo"):
+        cache_as_hub(local_copy(tmp_path / "hub", hub_id), hub_id, offline_datasets)
+    common = CPU + [f"paths.runs_dir={tmp_path / 'runs'}", "train.max_steps=1", "trainer=cpu", "precision=fp32"]
+    with caplog.at_level(logging.INFO, logger="danube.tasks.finetune"):
+        sft = run(compose_finetune(common + ["experiment=danube_chat_sft", f"model_dir={tiny_model_dir}",
+                                             "train.activation_checkpointing=false"]))
+    table = caplog.text[caplog.text.index("chat data read (sft"):]
+    for line in ("openorca    train", "metamathqa  train", "ultrachat   train_sft", "oasst2      train"):
+        assert line in table
+    assert sft.data_counts["rows"] == 12 + 12 + 12 + 50 and sft.data_counts["samples"] == 46
+    dpo1 = run(compose_finetune(common + ["experiment=danube_chat_dpo1"]))  # model_dir: the SFT result
+    assert dpo1.data_counts["pairs"] == 36
+    dpo2 = run(compose_finetune(common + ["experiment=danube_chat_dpo2"]))  # model_dir: DPO 1's merged model
+    assert dpo2.data_counts["pairs"] == 8  # English reply groups with two ranked replies
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (CONF / "chat_data").glob("*.yaml")))
+def test_every_chat_data_config_composes_with_a_known_format_and_split(config):
+    from danube.data import preference, sft
+    from danube.data.records import SOURCE_KEYS
+    from danube.tasks.finetune import SOURCE_OPTIONS
+    from tests.chat.hub_layouts import LAYOUTS
+
+    cfg = compose_finetune([f"chat_data={config}", "model_dir=/m"])
+    for name, src in cfg.chat_data.sources.items():
+        assert set(src) <= {*SOURCE_KEYS, *SOURCE_OPTIONS}, (name, sorted(src))
+        assert src.format in {*sft.FORMATS, *preference.FORMATS}
+        if src.get("hub"):  # every Hub dataset a config names has a Hub-layout fixture, and a split
+            assert src.hub in LAYOUTS and src.split
+        else:
+            assert src.path

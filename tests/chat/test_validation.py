@@ -95,3 +95,32 @@ def test_val_split_needs_a_dataset_with_splits(tiny_model_dir, chat_files, tmp_p
                                     f"chat_data.sources.ultrachat.path={local}",
                                     "chat_data.sources.ultrachat.val_split=test"]))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_every_rank_validates_and_the_ranks_together_count_each_item_once(tiny_model_dir, chat_files, world_size):
+    """A rank short of validation data still runs the pass (the reduce needs every rank), counting nothing."""
+    from functools import partial
+
+    from danube.data.sft import collate
+    from danube.lit.sft import SFTModule
+    from danube.tasks.finetune import MicroBatches
+
+    tok = Tokenizer(tiny_model_dir)
+    samples, _ = tokenize_conversations(tok, read_conversations(chat_files["messages"], "messages")[:7], 256)
+    module = SFTModule(load_model_dir(tiny_model_dir).eval(), {"lr": 1e-3}, total_steps=1)
+    ranks = [MicroBatches(samples, 2, r, world_size, partial(collate, pad_id=tok.pad_id)) for r in range(world_size)]
+    assert len({len(r) for r in ranks}) == 1  # 4 micro-batches of 7 items: the same count on every rank
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for rank in ranks:
+            module.on_validation_epoch_start()
+            for i in range(len(rank)):
+                module.validation_step(rank[i], i)
+            total += module.val_sums
+    one = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for s in samples:
+            loss_sum, n = token_loss_sum(module.model(torch.tensor([s.input_ids])), torch.tensor([s.labels]))
+            one += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
+    assert total[1] == one[1] and total[0].item() == pytest.approx(one[0].item(), rel=1e-5)

@@ -66,7 +66,8 @@ class DPOModule(FinetuneModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         terms = self.pair_terms(batch)
         n = terms["loss"].new_tensor(terms["loss"].numel())
-        self.val_sums += torch.stack([terms[k].detach().sum() for k in self.VAL_TERMS] + [n]).double()
+        sums = torch.stack([terms[k].detach().sum() for k in self.VAL_TERMS] + [n]).double()
+        self.val_sums += sums * self.counted(batch)
 
     def on_validation_epoch_end(self) -> None:
         sums = self.reduced_val_sums()

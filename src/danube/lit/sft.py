@@ -72,6 +72,12 @@ class FinetuneModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_sums = torch.zeros(self.VAL_SUMS, dtype=torch.float64, device=self.device)
 
+    @staticmethod
+    def counted(batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """0 for a filler micro-batch (a rank short of validation data repeats one), else 1."""
+        counted = batch.get("counted")
+        return 1.0 if counted is None else counted.double()
+
     def reduced_val_sums(self) -> torch.Tensor:
         """The validation sums of every rank added up (each rank may hold a different share)."""
         self.last_val_step = self.global_step
@@ -117,7 +123,7 @@ class SFTModule(FinetuneModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self.model(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
         loss_sum, count = token_loss_sum(logits, batch["labels"])
-        self.val_sums += torch.stack([loss_sum.double(), count.double()])
+        self.val_sums += torch.stack([loss_sum.double(), count.double()]) * self.counted(batch)
 
     def on_validation_epoch_end(self) -> None:
         loss_sum, tokens = self.reduced_val_sums()

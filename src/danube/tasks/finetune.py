@@ -4,7 +4,7 @@ Run directory layout::
 
     run_dir/
       config.yaml          # the resolved config
-      tensorboard/<loss>/  # train/loss, train/lr; DPO: rewards/*, logps/*
+      tensorboard/<loss>/  # train/loss, train/lr; DPO: rewards/*, logps/*; val/* with held-out data
       adapter/             # DPO only: the LoRA adapter (peft format)
       model/               # the result as a plain danube model directory (DPO: adapter merged)
       hf/                  # with export_hf=true: the same model as a Hugging Face directory
@@ -12,6 +12,11 @@ Run directory layout::
 
 Fine-tuning writes model directories, not Lightning checkpoints: a run is one epoch
 over a fixed data set, and a failed run is started again.
+
+Data: every ``chat_data.sources`` entry is resolved first (a file, a local copy of a Hub
+dataset or a Hub id; its split and columns: :mod:`danube.data.records`), then read and
+tokenized one source at a time. Held-out items (``train.val_fraction``, or a source's
+``val_split``) are validated every ``train.val_every_n_steps`` and after the last step.
 """
 
 from __future__ import annotations
@@ -273,18 +278,27 @@ def build_items(cfg: DictConfig, sources: dict[str, SourceData], tok: Tokenizer)
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """This rank's share of ``items`` in micro-batches, in order, each item once (validation)."""
+    """This rank's share of ``items`` in micro-batches, in order, each item counted once (validation).
+
+    Every rank gets the same number of micro-batches, so that all of them run the
+    validation pass and its reduce: a rank short of one repeats the first micro-batch
+    with ``counted`` 0, which the validation step multiplies its sums by.
+    """
 
     def __init__(self, items: list, micro_batch_size: int, rank: int, world_size: int, collate_fn) -> None:
         self.items, self.collate_fn = items, collate_fn
-        starts = range(0, len(items), micro_batch_size)
-        self.batches = [list(range(s, min(s + micro_batch_size, len(items)))) for s in starts][rank::world_size]
+        chunks = [list(range(s, min(s + micro_batch_size, len(items)))) for s in range(0, len(items), micro_batch_size)]
+        mine = [(c, True) for c in chunks[rank::world_size]]
+        self.batches = mine + [(chunks[0], False)] * (-(-len(chunks) // world_size) - len(mine))
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.collate_fn([self.items[j] for j in self.batches[i]])
+        indices, counted = self.batches[i]
+        batch = self.collate_fn([self.items[j] for j in indices])
+        batch["counted"] = torch.tensor(float(counted))
+        return batch
 
 
 class FinetuneData(L.LightningDataModule):
