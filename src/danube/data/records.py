@@ -330,10 +330,6 @@ class Source:
     def with_split(self, split: str) -> "Source":
         return Source(self.name, self.path, self.hub, split, self.revision)
 
-    @property
-    def is_single_file(self) -> bool:
-        return bool(self.path) and Path(self.path).is_file()
-
 
 def _hub_offline() -> bool:
     import datasets
