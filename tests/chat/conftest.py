@@ -21,6 +21,22 @@ def tiny_cfg() -> DanubeConfig:
                         sliding_window=48, max_seq_len=512)
 
 
+@pytest.fixture(autouse=True)
+def offline_datasets(tmp_path_factory, monkeypatch):
+    """No network in tests, and a datasets cache of the session's own (never ~/.cache)."""
+    import datasets
+    import huggingface_hub
+
+    cache = tmp_path_factory.getbasetemp() / "hf_datasets_cache"
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, sp_model) -> Path:
     """A random tiny model with the sp_model tokenizer, saved as a danube model directory."""

@@ -124,3 +124,72 @@ def test_oasst2_pairs_command_writes_pairs_that_the_dpo_reader_reads(tmp_path, c
     assert "1 deleted, 2 other language, 2 unranked" in printed and "pairs written: 2" in printed
     pairs = read_pairs(out, "pairs")
     assert sorted(p.prompt[-1]["content"] for p in pairs) == ["Follow-up?", "Q1"]
+
+
+# -- bad input named where it is (issue 11) -------------------------------------------------------
+def test_an_oasst2_parent_cycle_is_refused_at_read_time_naming_the_file_and_the_loop(tmp_path):
+    rows = handmade_tree() + [row("x1", "x3", "prompter", "loop"), row("x2", "x1", "assistant", "a", rank=0),
+                              row("x3", "x2", "prompter", "b"), row("x4", "x3", "assistant", "c", rank=0),
+                              row("x5", "x3", "assistant", "d", rank=1)]
+    path = write_jsonl(tmp_path / "oasst2.jsonl", rows)
+    with pytest.raises(RecordError, match=rf"^{path}: Oasst2 parent links form a loop: x1 -> x3 -> x2 -> x1 "
+                                          rf"\(first row: {path}:18\)"):
+        read_messages(path)
+    from danube.cli import main
+
+    # `danube oasst2-pairs` used to walk the loop forever; now it stops with the error.
+    assert main(["oasst2-pairs", str(path), str(tmp_path / "pairs.jsonl")]) == 1
+    assert not (tmp_path / "pairs.jsonl").exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_non_utf8_file_names_the_file_and_the_line(tmp_path, suffix):
+    good = [json.dumps({"query": f"q{i}", "response": "r"}).encode() for i in range(4)]
+    bad = b'{"query": "caf\xe9", "response": "r"}'  # Latin-1
+    if suffix == ".jsonl":
+        data = b"\n".join(good[:2] + [bad] + good[2:]) + b"\n"
+    else:
+        data = b"[\n" + b",\n".join(good[:2] + [bad] + good[2:]) + b"\n]\n"
+    path = tmp_path / f"metamath{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(RecordError, match=rf"^{path}:{3 if suffix == '.jsonl' else 4}: not UTF-8 text \(byte 0xe9"):
+        read_conversations(path, "metamath")
+
+
+def test_an_ultrafeedback_message_given_as_a_string_names_file_row_and_field(tmp_path):
+    from tests.chat.conftest import pref_records
+
+    records = pref_records("ultrafeedback", 4)
+    records[2]["chosen"] = ["What is it?", "It is 2."]  # strings, not {role, content} objects
+    path = write_jsonl(tmp_path / "uf.jsonl", records)
+    with pytest.raises(RecordError, match=rf"^{path}:3: chosen\[0\] must be a \{{role, content\}} object, got str "
+                                          r"'What is it\?'"):
+        read_pairs(path, "ultrafeedback")
+    records[2] = pref_records("ultrafeedback", 4)[2]
+    records[1]["rejected"] = [{"role": "user", "content": "q"}, "No idea."]
+    with pytest.raises(RecordError, match=rf"^{write_jsonl(path, records)}:2: rejected\[1\] must be a \{{role, "):
+        read_pairs(path, "ultrafeedback")
+
+
+def test_an_oasst2_conversation_error_names_the_file_and_the_tree(tmp_path):
+    rows = handmade_tree() + [row("r9", None, "prompter", "Q9"), row("p9", "r9", "prompter", "again?"),
+                              row("a9", "p9", "assistant", "yes", rank=0)]
+    rows[-3]["message_tree_id"] = "tree-9"
+    path = write_jsonl(tmp_path / "oasst2.jsonl", rows)
+    with pytest.raises(RecordError, match=rf"^{path}:18: Oasst2 tree tree-9: message 1: expected a assistant message"
+                                          r".* \(along messages r9 -> p9 -> a9\)"):
+        read_conversations(path, "oasst2")
+
+
+def test_a_json_array_file_reads_element_by_element(tmp_path):
+    records = [{"query": f"q{i}", "response": f"r{i}"} for i in range(50)]
+    path = tmp_path / "MetaMathQA-395K.json"
+    path.write_text(json.dumps(records, indent=4))
+    from danube.data.records import read_json_array
+
+    assert [r for _, _, r in read_json_array(path, chunk_bytes=64)] == records  # elements cut across chunks
+    assert [line for _, line, _ in read_json_array(path)][:2] == [2, 6]
+    assert len(read_conversations(path, "metamath")) == 50
+    path.write_text(json.dumps(records)[:-40])
+    with pytest.raises(RecordError, match=rf"^{path}:1: element 4\d: not valid JSON|the JSON array is not closed"):
+        read_conversations(path, "metamath")

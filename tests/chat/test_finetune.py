@@ -75,8 +75,13 @@ def test_config_errors_come_before_any_work(tiny_model_dir, chat_files, tmp_path
     with pytest.raises(ValueError, match="format='metamath' is not dpo data"):
         run(compose_finetune(base + ["loss=dpo", "chat_data=metamathqa",
                                      f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
-    with pytest.raises(FileNotFoundError, match="chat_data.sources.openorca.path=.*no such file"):
-        run(compose_finetune(base + ["chat_data=openorca"]))
+    with pytest.raises(FileNotFoundError, match="chat_data.sources.openorca.path=.*no such file or directory"):
+        run(compose_finetune(base + ["chat_data=openorca", f"chat_data.sources.openorca.path={tmp_path / 'nope'}"]))
+    with pytest.raises(ValueError, match="chat_data.sources.openorca: unknown key.s. splt; allowed: path, hub, split"):
+        run(compose_finetune(base + ["chat_data=openorca", "+chat_data.sources.openorca.splt=train"]))
+    with pytest.raises(ValueError, match="train.val_fraction=1.5: must be in"):
+        run(compose_finetune(base + ["chat_data=metamathqa", "train.val_fraction=1.5",
+                                     f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
     with pytest.raises(ValueError, match="truncation='cut'"):
         run(compose_finetune(base + ["chat_data=metamathqa", "train.truncation=cut",
                                      f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
@@ -114,28 +119,30 @@ def hf_logits_match(hf_dir, model_dir, tok):
 
 
 @pytest.mark.slow
-def test_report_chain_sft_dpo1_merge_dpo2_export(tiny_model_dir, chat_files, tmp_path):
-    """The three experiments end to end on the tiny model; every output exports to Hugging Face."""
+def test_report_chain_sft_dpo1_merge_dpo2_export(tiny_model_dir, tmp_path):
+    """The three experiments end to end on local copies of the Hub datasets; every output exports to Hugging Face."""
     from danube.cli import main
-    from danube.data.oasst2 import oasst2_pairs_main
+    from danube.data.preference import read_pairs
+    from tests.chat.hub_layouts import local_copy
 
+    hub = {name: local_copy(tmp_path / "hub", hub_id) for name, hub_id in [
+        ("openorca", "Open-Orca/OpenOrca"), ("metamathqa", "meta-math/MetaMathQA"),
+        ("ultrachat", "HuggingFaceH4/ultrachat_200k"), ("oasst2", "OpenAssistant/oasst2"),
+        ("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized"), ("orca_dpo", "Intel/orca_dpo_pairs"),
+        ("distilabel_math", "argilla/distilabel-math-preference-dpo")]}
     runs = tmp_path / "runs"
     common = CPU + [f"paths.runs_dir={runs}", "train.max_steps=3"]
     sft = run(compose_finetune(common + [
         "experiment=danube_chat_sft", "trainer=cpu", "precision=fp32", f"model_dir={tiny_model_dir}",
         "train.activation_checkpointing=false", "train.max_seq_len=256",
-        f"chat_data.sources.openorca.path={chat_files['openorca']}",
-        f"chat_data.sources.metamathqa.path={chat_files['metamath']}",
-        f"chat_data.sources.ultrachat.path={chat_files['ultrachat']}",
-        f"chat_data.sources.oasst2.path={chat_files['oasst2']}",
+        *(f"chat_data.sources.{name}.path={hub[name]}" for name in ("openorca", "metamathqa", "ultrachat", "oasst2")),
     ]))
-    assert sft.model_dir == runs / "danube_chat_sft" / "model" and sft.data_counts["samples"] == 120
+    assert sft.model_dir == runs / "danube_chat_sft" / "model" and sft.data_counts["samples"] == 46
     dpo1 = run(compose_finetune(common + [
         "experiment=danube_chat_dpo1", "trainer=cpu", "precision=fp32", "train.max_seq_len=256",
-        f"chat_data.sources.ultrafeedback.path={chat_files['ultrafeedback']}",
-        f"chat_data.sources.orca_dpo.path={chat_files['orca_dpo']}",
-        f"chat_data.sources.distilabel_math.path={chat_files['distilabel_math']}",
+        *(f"chat_data.sources.{name}.path={hub[name]}" for name in ("ultrafeedback", "orca_dpo", "distilabel_math")),
     ]))
+    assert dpo1.data_counts["pairs"] == 36
     assert json.loads((dpo1.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         sft.model_dir.resolve())
     # `danube merge-lora` gives the same model the run merged at its end.
@@ -143,12 +150,14 @@ def test_report_chain_sft_dpo1_merge_dpo2_export(tiny_model_dir, chat_files, tmp
     a, b = load_model_dir(dpo1.model_dir).state_dict(), load_model_dir(tmp_path / "merged").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], v) for k, v in load_model_dir(sft.model_dir).state_dict().items())
-    pairs = tmp_path / "oasst2_pairs_en.jsonl"
-    assert oasst2_pairs_main([str(chat_files["oasst2"]), str(pairs)]) == 0
     dpo2 = run(compose_finetune(common + [
         "experiment=danube_chat_dpo2", "trainer=cpu", "precision=fp32", "train.max_seq_len=256",
-        f"chat_data.sources.oasst2_pairs.path={pairs}",
+        f"chat_data.sources.oasst2_pairs.path={hub['oasst2']}",
     ]))
+    # DPO 2 reads the pairs `danube oasst2-pairs` writes from the same rows.
+    pairs = tmp_path / "oasst2_pairs_en.jsonl"
+    assert main(["oasst2-pairs", str(hub["oasst2"]), str(pairs), "--lang", "en"]) == 0
+    assert dpo2.data_counts["pairs"] == len(read_pairs(pairs, "pairs")) == 8
     # DPO 2's reference (the base its adapter sits on) is the merged DPO 1 model.
     assert json.loads((dpo2.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         dpo1.model_dir.resolve())

@@ -4,13 +4,17 @@ Every reader turns one record into OpenAI-style ``messages`` ([{role, content}],
 system | user | assistant). Shapes (``format`` of a ``chat_data`` source):
 
 =============  ==============================================================
-``messages``   ``{"messages": [{role, content}, ...]}`` (OpenAI, UltraChat 200k)
-``ultrachat``  same as ``messages`` (UltraChat 200k's ``prompt`` is ignored)
+``messages``   ``{"messages": [{role, content}, ...]}`` (OpenAI)
+``ultrachat``  same as ``messages`` (UltraChat 200k; its ``prompt`` repeats the first turn)
 ``sharegpt``   ``{"conversations": [{from: system|human|gpt, value}, ...]}``
 ``openorca``   ``{system_prompt, question, response}``
 ``metamath``   ``{query, response}`` (MetaMathQA)
 ``oasst2``     Oasst2 message rows: one conversation per tree along the best ranks
 =============  ==============================================================
+
+Records come from a file, a local copy of a Hub dataset or a Hub id
+(:mod:`danube.data.records`), one at a time: :func:`iter_conversations` streams them
+into tokenization, so only the tokenized samples are held.
 
 Labels are the input ids on assistant tokens (each reply and its EOS) and -100 elsewhere;
 the model predicts ``ids[t]`` from position ``t - 1`` (the shift happens in the loss).
@@ -32,12 +36,12 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from danube.data.chat import ChatTokenizer, check_messages, encode_conversation
-from danube.data.records import RecordError, read_jsonl, require, text_field
+from danube.data.records import ReadStats, RecordError, Rows, Schema, Source, as_source, text_field
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +51,32 @@ TRUNCATION = ("truncate", "drop")
 
 
 # -- readers: one record -> messages ---------------------------------------------------------
+MESSAGE_LIST = "list of {content: string, role: system|user|assistant}"
+SCHEMAS: dict[str, Schema] = {
+    "messages": Schema("OpenAI messages", {"messages": MESSAGE_LIST}),
+    "ultrachat": Schema("UltraChat 200k", {"messages": MESSAGE_LIST}, {"prompt": "string", "prompt_id": "string"}),
+    "sharegpt": Schema("ShareGPT", {"conversations": "list of {from: system|human|gpt, value: string}"}),
+    "openorca": Schema("OpenOrca", {"question": "string", "response": "string"},
+                       {"system_prompt": "string (may be empty)", "id": "string"}),
+    "metamath": Schema("MetaMathQA", {"query": "string", "response": "string"},
+                       {"type": "string", "original_question": "string"}),
+}
+
+
 def _messages(record: dict, where: str, key: str = "messages") -> list[dict[str, str]]:
-    require(record, (key,), where, "conversation")
     msgs = record[key]
     if not isinstance(msgs, list):
         raise RecordError(f"{where}: {key!r} must be a list of messages")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RecordError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+            raise RecordError(f"{where}: {key}[{i}] must be an object with 'role' and 'content', "
+                              f"got {type(m).__name__}")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
 
 def _sharegpt(record: dict, where: str) -> list[dict[str, str]]:
-    require(record, ("conversations",), where, "ShareGPT")
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise RecordError(f"{where}: 'conversations' must be a list")
@@ -74,7 +89,6 @@ def _sharegpt(record: dict, where: str) -> list[dict[str, str]]:
 
 
 def _openorca(record: dict, where: str) -> list[dict[str, str]]:
-    require(record, ("question", "response"), where, "OpenOrca")
     system = record.get("system_prompt") or ""
     msgs = [{"role": "system", "content": system}] if system.strip() else []
     return msgs + [
@@ -84,7 +98,6 @@ def _openorca(record: dict, where: str) -> list[dict[str, str]]:
 
 
 def _metamath(record: dict, where: str) -> list[dict[str, str]]:
-    require(record, ("query", "response"), where, "MetaMathQA")
     return [
         {"role": "user", "content": text_field(record, "query", where)},
         {"role": "assistant", "content": text_field(record, "response", where)},
@@ -101,28 +114,56 @@ RECORD_READERS: dict[str, Callable[[dict, str], list[dict[str, str]]]] = {
 FORMATS = (*RECORD_READERS, "oasst2")
 
 
-def read_conversations(path: str | Path, format: str, lang: str | None = None) -> list[list[dict[str, str]]]:
-    """Every conversation of one file; a malformed record raises naming ``path:line``."""
-    if format not in FORMATS:
-        raise ValueError(f"chat data format {format!r} ({path}); allowed: {', '.join(FORMATS)}")
+def schema_of(format: str, label: str = "") -> Schema:
+    """The columns an SFT ``format`` reads; an unknown format names the allowed ones."""
+    if format == "oasst2":
+        from danube.data.oasst2 import SCHEMA
+
+        return SCHEMA
+    if format not in SCHEMAS:
+        raise ValueError(f"chat data format {format!r}{f' ({label})' if label else ''}; allowed: {', '.join(FORMATS)}")
+    return SCHEMAS[format]
+
+
+def open_conversations(source: Source | str | Path, format: str) -> Rows:
+    """The rows of an SFT source, checked (file, split, columns) before anything is read."""
+    source = as_source(source)
+    return Rows(source, schema_of(format, source.label))
+
+
+def iter_conversations(rows: Rows, format: str, lang: str | None = None,
+                       stats: ReadStats | None = None) -> Iterator[list[dict[str, str]]]:
+    """Every conversation of ``rows``, one at a time; a malformed record raises naming where it is.
+
+    ``stats`` (filled as the rows go by) counts the rows read, the conversations kept and
+    the ones dropped, by reason.
+    """
+    stats = stats if stats is not None else ReadStats()
     if format == "oasst2":
         from danube.data.oasst2 import best_path_conversations, read_messages
 
-        convs, skipped = best_path_conversations(read_messages(path), lang=lang)
-        if skipped:
-            log.info("%s: Oasst2 trees skipped: %s", path, dict(skipped))
-        return convs
-    reader = RECORD_READERS[format]
-    out = []
-    for lineno, record in read_jsonl(path):
-        where = f"{path}:{lineno}"
+        convs, skipped = best_path_conversations(read_messages(rows), lang=lang)
+        stats.rows, stats.kept, stats.where = rows.count, len(convs), rows.describe()
+        stats.dropped.update({f"trees: {why}": n for why, n in skipped.items()})
+        yield from convs
+        return
+    reader, schema = RECORD_READERS[format], schema_of(format)
+    for where, record in rows:
+        schema.require(record, where)
         msgs = reader(record, where)
         try:
             check_messages(msgs, ends_with="assistant")
         except ValueError as err:
             raise RecordError(f"{where}: {err}") from err
-        out.append(msgs)
-    return out
+        stats.kept += 1
+        yield msgs
+    stats.rows, stats.where = rows.count, rows.describe()
+
+
+def read_conversations(source: Source | str | Path, format: str, lang: str | None = None,
+                       stats: ReadStats | None = None) -> list[list[dict[str, str]]]:
+    """Every conversation of one source (a file, a dataset directory or a Hub id), as a list."""
+    return list(iter_conversations(open_conversations(source, format), format, lang, stats))
 
 
 # -- tokenization -----------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Supervised fine-tuning as a LightningModule: every parameter, loss on assistant tokens only.
 
+Validation (a held-out set, see ``train.val_fraction``): ``val/loss`` is the summed token
+loss of the whole set divided by its answer-token count, over all ranks together.
+
 Loss normalisation: each micro-batch carries ``step_loss_tokens``, the trained tokens of
 its whole optimizer step on all ranks (see :class:`danube.data.sft.StepBatches`). A
 micro-batch contributes ``sum of its token losses / step_loss_tokens``, so the
@@ -62,6 +65,36 @@ class FinetuneModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
+    # -- validation: sums over the whole held-out set, reduced over ranks, logged once per pass
+    VAL_SUMS = 0  # how many sums a subclass's validation_step adds up
+    last_val_step: int | None = None  # the optimizer step of the last validation pass
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_sums = torch.zeros(self.VAL_SUMS, dtype=torch.float64, device=self.device)
+
+    @staticmethod
+    def counted(batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """0 for a filler micro-batch (a rank short of validation data repeats one), else 1."""
+        counted = batch.get("counted")
+        return 1.0 if counted is None else counted.double()
+
+    def reduced_val_sums(self) -> torch.Tensor:
+        """The validation sums of every rank added up (each rank may hold a different share)."""
+        self.last_val_step = self.global_step
+        return self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
+
+    def log_validation(self, values: dict[str, torch.Tensor]) -> None:
+        """Log one validation pass at the step axis of the training step it follows.
+
+        Lightning logs ``train/*`` at the 0-based index of the optimizer step, and a
+        validation inside ``fit`` there too, but ``trainer.validate`` after the last step
+        one further: written here, every pass lands beside the training step it follows.
+        """
+        for key, value in values.items():  # already summed over ranks: the mean of equal values is the value
+            self.log(key, value.float(), logger=False, sync_dist=True)
+        if self.logger is not None and not self.trainer.sanity_checking:
+            self.logger.log_metrics({k: float(v) for k, v in values.items()}, step=max(self.global_step - 1, 0))
+
     def loss_scale(self) -> float:
         """Undo Lightning's division by the accumulation count and DDP's mean over ranks."""
         if self._trainer is None:
@@ -84,3 +117,14 @@ class SFTModule(FinetuneModule):
         self.log("train/loss", loss_sum / count.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/answer_tokens", count.float(), on_step=True, on_epoch=False, reduce_fx="sum")
         return share * self.loss_scale()
+
+    VAL_SUMS = 2  # summed token loss, answer tokens
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.model(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
+        loss_sum, count = token_loss_sum(logits, batch["labels"])
+        self.val_sums += torch.stack([loss_sum.double(), count.double()]) * self.counted(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        loss_sum, tokens = self.reduced_val_sums()
+        self.log_validation({"val/loss": loss_sum / tokens.clamp(min=1), "val/answer_tokens": tokens})
