@@ -27,8 +27,9 @@ from danube.model.io import CHAT_TEMPLATE_FILE, GENERATION_FILE, atomic_dir, loa
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral")
-# Report, section 5 (MT-Bench): "repetition_penalty = 1.1 and temperature = 0.0". No
-# max_new_tokens: it would override the max_length that callers such as lm-eval pass.
+# Report, section 5 (MT-Bench): "repetition_penalty = 1.1 and temperature = 0.0". No length:
+# max_new_tokens would override the max_length callers such as lm-eval pass, and a max_length
+# makes transformers warn on every call that passes max_new_tokens.
 REPORT_GENERATION = {"do_sample": False, "repetition_penalty": 1.1}
 
 
@@ -140,19 +141,15 @@ def config_to_hf(cfg: DanubeConfig, dtype: torch.dtype = torch.float32):
     return hf
 
 
-def generation_config(cfg: DanubeConfig, tokenizer=None):
-    """``transformers`` ``GenerationConfig``: :data:`REPORT_GENERATION`, the tokenizer's bos/eos/pad ids.
-
-    ``max_length`` is the model's context, so a bare ``generate`` answers until EOS instead
-    of stopping at transformers' default of 20 tokens.
-    """
+def generation_config(tokenizer=None):
+    """``transformers`` ``GenerationConfig``: :data:`REPORT_GENERATION` and the tokenizer's bos/eos/pad ids."""
     from transformers import GenerationConfig
 
     ids = {"bos_token_id": 1, "eos_token_id": 2}  # what config_to_hf writes
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_id if tokenizer.bos_id >= 0 else None, "eos_token_id": tokenizer.eos_id,
                "pad_token_id": tokenizer.pad_id}
-    return GenerationConfig(**REPORT_GENERATION, max_length=cfg.max_seq_len, **ids)
+    return GenerationConfig(**REPORT_GENERATION, **ids)
 
 
 def to_hf(
@@ -183,7 +180,7 @@ def to_hf(
         if generation is not None:
             (tmp / GENERATION_FILE).write_text(generation, encoding="utf-8")
         else:
-            generation_config(model.cfg, tok).save_pretrained(tmp)
+            generation_config(tok).save_pretrained(tmp)
         if tok is not None:
             save_hf_tokenizer(tok, tmp, chat_template=chat_template)
     log.info("wrote Hugging Face checkpoint %s", path)
