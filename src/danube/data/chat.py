@@ -45,7 +45,7 @@ class TrainingTokenizer(ChatTokenizer, Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+    def encode_split(self, text: str, at: int) -> tuple[list[int], int]: ...
 
     def split_specials(self, text: str): ...
 
@@ -152,13 +152,15 @@ def encode_conversation(
             ids.append(special)
             flags.append(trained(start, end))
             continue
-        if not any(start < s < end or start < t < end for s, t in spans):
-            # Wholly inside or outside a reply: one flag for every piece, no offsets needed.
+        # A reply starts inside this stretch ("<|answer|>{reply}"; it runs to the EOS that ends
+        # the stretch): context up to the reply's first token, trained from there on.
+        reply = next((s for s, _ in spans if start < s < end), None)
+        if reply is None:  # wholly inside or outside a reply: one flag for every piece
             part = tok.encode(text[start:end])
             ids += part
             flags += [trained(start, end)] * len(part)
-            continue
-        part, offsets = tok.encode_with_offsets(text[start:end])
-        ids += part
-        flags += [trained(start + b, start + e) for b, e in offsets]
+        else:
+            part, before = tok.encode_split(text[start:end], reply - start)
+            ids += part
+            flags += [False] * before + [True] * (len(part) - before)
     return ids, flags

@@ -149,16 +149,35 @@ class Tokenizer:
         byte-fallback pieces gives its span to the last of them and an empty span at its
         start to the others (SentencePiece's own offsets, in characters instead of bytes).
         """
-        data = text.encode("utf-8")
-        char_at = [0] * (len(data) + 1)  # byte offset -> character offset
-        b = 0
-        for c, ch in enumerate(text):
-            n = len(ch.encode("utf-8"))
-            char_at[b: b + n] = [c] * n
-            b += n
-        char_at[len(data)] = len(text)
+        import numpy as np
+
         pieces = self.sp.encode(text, return_type="proto").pieces
-        return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
+        ids = [p.id for p in pieces]
+        begins, ends = [p.begin for p in pieces], [p.end for p in pieces]
+        if not text.isascii():  # byte offsets -> character offsets (pieces start and end on characters)
+            points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            width = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+            char_starts = np.concatenate([[0], np.cumsum(width)])  # byte offset where each character starts
+            begins = np.searchsorted(char_starts, begins).tolist()
+            ends = np.searchsorted(char_starts, ends).tolist()
+        return ids, list(zip(begins, ends))
+
+    def encode_split(self, text: str, at: int) -> tuple[list[int], int]:
+        """:meth:`encode`, and how many of the ids come before character ``at``.
+
+        The count is that of the leading ids whose span (:meth:`encode_with_offsets`) ends at
+        or before ``at``, an empty span counting where it stands: the rest spell
+        ``text[at:]``, the first of them perhaps with characters before ``at`` merged in.
+        Offsets are read only up to the first word start after ``at`` (SentencePiece never
+        merges across a space that follows a non-space), and the shortcut is checked.
+        """
+        ids = self.sp.encode(text)
+        cut = next((j for j in range(at + 1, len(text)) if text[j] in " ▁" and text[j - 1] not in " ▁"), len(text))
+        head, offsets = self.encode_with_offsets(text[:cut])
+        if ids[: len(head)] != head:  # a merge across the cut after all: read the whole text
+            head, offsets = self.encode_with_offsets(text)
+        before = next((i for i, (b, e) in enumerate(offsets) if e > at or (b == e and b >= at)), len(offsets))
+        return ids, before
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
