@@ -286,3 +286,42 @@ def test_lm_eval_adapter_encodes_as_lm_eval_s_hf_model(case):
             if any(lm.tok_encode(text, add_special_tokens=add) != ref for lm in ours):
                 bad.append((text, add))
     assert bad == []
+
+
+def _split_by_brute_force(tok, text, at):
+    ids, offsets = tok.encode_with_offsets(text)
+    return ids, sum(1 for b, e in offsets if not (e > at or (b == e and b >= at)))
+
+
+def test_offsets_spell_the_text_and_the_reply_split_matches_them(case):
+    tok = case.tok
+    for text in TEXTS + ["<|answer|>" + m["content"] for c in CONVERSATIONS for m in c]:
+        ids, offsets = tok.encode_with_offsets(text)
+        assert ids == tok.encode(text)
+        # Spans are in order, cover the text once, and an empty span sits where its piece starts.
+        covered = "".join(text[b:e] for b, e in offsets)
+        assert covered == text and all(e0 <= b1 for (_, e0), (b1, _) in zip(offsets, offsets[1:])), repr(text)
+        for at in range(len(text) + 1):
+            assert tok.encode_split(text, at) == _split_by_brute_force(tok, text, at), (text, at)
+
+
+def test_reply_split_falls_back_when_a_piece_crosses_a_space(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    # A hand-made unigram model (not one danube exports) with a piece across a space: "ab cd"
+    # reads ["a", "b▁c", "d"], but its head "ab" alone reads ["ab"], so the shortcut must notice.
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id = 0, 1, 2
+    proto.normalizer_spec.name, proto.normalizer_spec.add_dummy_prefix = "identity", False
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    for piece, score, kind in [("<unk>", 0, 2), ("<s>", 0, 3), ("</s>", 0, 3), ("a", -2, 1), ("b", -4, 1), ("c", -4, 1),
+                               ("d", -2, 1), ("▁", -4, 1), ("ab", -5, 1), ("b▁c", 0, 1), ("▁c", -1, 1)]:
+        proto.pieces.add(piece=piece, score=score, type=kind)
+    (tmp_path / "x.model").write_bytes(proto.SerializeToString())
+    tok = Tokenizer(tmp_path / "x.model")
+    assert [tok.id_to_piece(i) for i in tok.encode("ab cd")] == ["a", "b▁c", "d"]
+    assert [tok.id_to_piece(i) for i in tok.encode("ab")] == ["ab"]
+    assert tok.encode_split("ab cd", 1) == (tok.encode("ab cd"), 1)
+    for at in range(6):
+        assert tok.encode_split("ab cd", at) == _split_by_brute_force(tok, "ab cd", at), at

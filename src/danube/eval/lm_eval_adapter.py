@@ -42,6 +42,9 @@ class DanubeLM(TemplateLM):
         batch_size: requests per forward pass.
         max_length: context limit; default the model's ``max_seq_len`` (as ``hf`` reads it).
         max_gen_toks: generation limit when a task does not set one.
+        repetition_penalty: when a task does not set one; default what the model's
+            generation config gives transformers (``hf`` applies it too): 1.1 for a danube
+            model directory or export, the report's decoding; 1.0 for plain greedy.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class DanubeLM(TemplateLM):
         batch_size: int | str = 8,
         max_length: int | None = None,
         max_gen_toks: int = 256,
+        repetition_penalty: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -67,7 +71,8 @@ class DanubeLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.pretrained = str(pretrained)
         # `hf` generates with the exported generation_config.json's defaults: so do we.
-        self.repetition_penalty = default_repetition_penalty(pretrained)
+        self.repetition_penalty = float(repetition_penalty if repetition_penalty is not None
+                                        else default_repetition_penalty(pretrained))
 
     @property
     def eot_token_id(self) -> int:
