@@ -170,9 +170,11 @@ def to_hf(
         chat_template: The tokenizer's chat template; default the H2O-Danube format.
         generation: The text of ``generation_config.json``; default :func:`generation_config`.
     """
-    from danube.data.tokenizer import Tokenizer, save_hf_tokenizer
+    from danube.data.tokenizer import Tokenizer, check_exportable, save_hf_tokenizer
 
     tok = Tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is not None:
+        check_exportable(tok)  # before the weights are written
     with atomic_dir(path) as tmp:
         state = saved_state(model)
         config_to_hf(model.cfg, next(iter(state.values())).dtype).save_pretrained(tmp)

@@ -101,3 +101,21 @@ def test_transformers_generate_answers_as_danube_chat(exported):
         theirs.append(answer)
         history.append({"role": "assistant", "content": answer})
     assert ours == theirs and all(ours)
+
+
+def test_lm_eval_adapter_takes_the_repetition_penalty_transformers_would(exported, tmp_path):
+    import shutil
+
+    from danube.eval.lm_eval_adapter import DanubeLM
+    from danube.eval.loading import default_repetition_penalty
+
+    _, model_dir, hf_dir = exported
+    assert default_repetition_penalty(model_dir) == default_repetition_penalty(hf_dir) == 1.1
+    bare = shutil.copytree(hf_dir, tmp_path / "bare")
+    (bare / GENERATION_FILE).unlink()
+    assert default_repetition_penalty(bare) == 1.0  # transformers' own default, as `hf` would use
+    (bare / GENERATION_FILE).write_text("[1.3]")
+    with pytest.raises(ValueError, match="generation_config.json"):
+        default_repetition_penalty(bare)
+    assert DanubeLM(str(model_dir)).repetition_penalty == 1.1
+    assert DanubeLM(str(model_dir), repetition_penalty=1.0).repetition_penalty == 1.0

@@ -8,7 +8,8 @@ A text is read one of two ways, and both are what the exported Hugging Face toke
 
 * **As data** (:meth:`Tokenizer.encode`, ``danube prepare``): SentencePiece's ids of the
   whole text. With a dummy prefix (Llama 2, Mistral: ``add_dummy_prefix: true``) that is
-  the ids of ``" " + text``; without one (``danube train-tokenizer``), of the text as is.
+  the ids of ``" " + text`` (``""`` has none); without one (``danube train-tokenizer``), of
+  the text as is.
   A literal ``</s>`` in a web page stays four characters. Hugging Face:
   ``tok(text, add_special_tokens=False, split_special_tokens=True)``.
 * **As markup** (:meth:`Tokenizer.encode_with_specials`: chat turns, generation prompts,
@@ -39,7 +40,7 @@ from typing import Iterable, Iterator
 log = logging.getLogger(__name__)
 
 # SentencePiece piece types (sentencepiece_model.proto).
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE, _UNUSED = 1, 2, 3, 4, 6, 5
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 
 
 class Tokenizer:

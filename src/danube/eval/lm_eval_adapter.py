@@ -1,12 +1,12 @@
 """lm-evaluation-harness model for danube: ``simple_evaluate(model=DanubeLM(...))``.
 
 It scores exactly what lm-eval's own ``hf`` model scores on the exported Hugging Face
-directory: the same tokenization (BOS first, text read as markup, as the exported
-tokenizer reads it; context/continuation split by
-``TemplateLM``), the same left truncation to ``max_length``, and greedy generation that
-stops on the same strings, with the repetition penalty the model's generation config
-gives transformers when the task sets none (1.1 for a danube export: the report's). Requests are sorted longest first and batched, so padding
-is small and a too-long batch fails at the start rather than at the end.
+directory: the same tokenization (BOS first, text read as markup as the exported
+tokenizer reads it, context/continuation split by ``TemplateLM``), the same left
+truncation to ``max_length``, and greedy generation that stops on the same strings, with
+the repetition penalty the model's generation config gives transformers when the task
+sets none (1.1 for a danube export: the report's). Requests are sorted longest first and
+batched, so padding is small and a too-long batch fails at the start rather than at the end.
 
 Registered as ``danube`` too: ``lm_eval --model danube --model_args pretrained=DIR``.
 """
