@@ -15,9 +15,9 @@ ids it was trained on (``transformers``, vLLM), and a generation prompt here is
 An assistant reply is encoded together with its ``<|answer|>`` marker, as one stretch,
 the way the rendered string is; its trained tokens are found from the pieces' character
 offsets: every token that spells a character of the reply, and the EOS closing it. When
-the reply's first characters merge with the marker's ``>`` (the Mistral tokenizer has
-pieces like ``>"`` and ``>(``), that token is trained, and the generation prompt, which
-ends with ``>``, is then not a prefix of the trained ids; otherwise it always is.
+one piece spans the marker's end and the reply's start (the Mistral tokenizer has ``>"``
+and ``>(``), that token is trained, and the generation prompt, which ends with ``>``, is
+then not a prefix of the trained ids; otherwise it is.
 """
 
 from __future__ import annotations
