@@ -107,7 +107,12 @@ class Case:
 
 @pytest.fixture(scope="module", params=list(WHICH))
 def case(request, tmp_path_factory) -> Case:
-    from transformers import AutoTokenizer, SentencePieceBackend
+    from transformers import AutoTokenizer
+
+    try:  # transformers 5's SentencePiece-backed class; in 4.x the slow LlamaTokenizer is that
+        from transformers import SentencePieceBackend
+    except ImportError:
+        from transformers import LlamaTokenizer as SentencePieceBackend
 
     tok = Tokenizer(request.getfixturevalue(WHICH[request.param]))
     root = tmp_path_factory.mktemp(request.param)
