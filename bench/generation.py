@@ -50,8 +50,10 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]
     for i, p in enumerate(prompts):
         ids[i, t - len(p):] = torch.tensor(p)
         mask[i, t - len(p):] = 1
+    # Plain greedy on both sides: the export's generation_config.json would add the report's
+    # repetition penalty (1.1) to transformers' defaults.
     out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=0,
-                      eos_token_id=None, pad_token_id=0)
+                      eos_token_id=None, pad_token_id=0, repetition_penalty=1.0)
     return out[:, t:].tolist()
 
 

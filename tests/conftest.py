@@ -48,3 +48,22 @@ def sp_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tok")
     (root / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n2024 1234567 3.14159\n")
     return train_tokenizer([root / "corpus.txt"], root / "tok.model", vocab_size=1000)
+
+
+MISTRAL_TOKENIZER = REPO / "tests" / "assets" / "mistral" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def mistral_model() -> Path:
+    """The real Mistral-7B tokenizer (32,000 pieces, dummy prefix): H2O-Danube2's."""
+    return MISTRAL_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def llama2_style_model(tmp_path_factory) -> Path:
+    """A 1,000-piece tokenizer trained with Llama 2's settings: dummy prefix, identity, byte fallback, digits split."""
+    from danube.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok_llama2")
+    (root / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n2024 1234567 3.14159\n    indented\tand tabbed\n")
+    return train_tokenizer([root / "corpus.txt"], root / "llama2_style.model", vocab_size=1000, add_dummy_prefix=True)

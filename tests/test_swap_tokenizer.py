@@ -122,3 +122,28 @@ def test_errors_name_what_is_wrong_and_leave_outputs_alone(old_model_dir, code_t
         swap_tokenizer(old_model_dir, code_tokenizer, out, overwrite=True, seed=5)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+def test_llama2_style_to_mistral_counts_match_an_independent_count(llama2_style_model, mistral_model, tmp_path, capsys):
+    """H2O-Danube2's swap: a Llama-2-style (dummy prefix) tokenizer onto the real Mistral one."""
+    import re
+
+    import sentencepiece as spm
+
+    cfg = DanubeConfig(vocab_size=1000, n_embd=16, intermediate_size=32, n_layer=1, n_head=2, n_kv_head=1)
+    torch.manual_seed(0)
+    save_model_dir(build_model(cfg), tmp_path / "old", tokenizer=llama2_style_model)
+    assert main(["swap-tokenizer", str(tmp_path / "old"), str(mistral_model), str(tmp_path / "new")]) == 0
+    printed = re.search(r"shared ([\d,]+) pieces .* new ([\d,]+) .* dropped ([\d,]+);", capsys.readouterr().out)
+    counts = [int(g.replace(",", "")) for g in printed.groups()]
+    # Counted from the model files with SentencePiece alone, not with danube's Tokenizer.
+    old, new = (spm.SentencePieceProcessor(model_file=str(f)) for f in (llama2_style_model, mistral_model))
+    old_pieces = {old.id_to_piece(i) for i in range(old.get_piece_size())}
+    new_pieces = {new.id_to_piece(i) for i in range(new.get_piece_size())}
+    assert counts == [len(old_pieces & new_pieces), len(new_pieces - old_pieces), len(old_pieces - new_pieces)]
+    assert 500 < counts[0] < 1000 and counts[0] + counts[1] == 32000  # byte pieces, specials and common words are shared
+    assert read_config(tmp_path / "new").vocab_size == 32000
+    # The swapped model's rows for a shared piece are the old model's rows for it.
+    before, after = (load_file(str(tmp_path / d / "model.safetensors"))["model.embed_tokens.weight"] for d in ("old", "new"))
+    for piece in ("▁the", "<0x0A>", "</s>"):
+        assert torch.equal(after[new.piece_to_id(piece)], before[old.piece_to_id(piece)])

@@ -111,13 +111,17 @@ def test_dpo_step_zero_loss_is_ln2_and_logps_cover_completions_only(sp_model):
     assert metrics["rewards/chosen"].item() == 0 and metrics["rewards/accuracies"].item() == 0
     # Chosen rows first, then rejected; the prompt is labelled -100.
     prompt = encode_chat_prompt(tok, [{"role": "user", "content": qa(0)[0]}])
-    assert batch["input_ids"][0, : len(prompt)].tolist() == prompt
+    first = items[0]
+    assert first.chosen_start == first.rejected_start == len(prompt)  # no piece spans marker and reply here
+    assert batch["input_ids"][0, : len(prompt)].tolist() == prompt == first.chosen[: len(prompt)]
     assert (batch["labels"][0, : len(prompt)] == IGNORE).all()
-    assert batch["labels"][4, len(prompt): len(prompt) + len(items[0].rejected)].tolist() == items[0].rejected
+    completion = first.rejected[len(prompt):]
+    assert completion[-1] == tok.eos_id
+    assert batch["labels"][4, len(prompt): len(first.rejected)].tolist() == completion
     with torch.no_grad():
-        logits = base(batch["input_ids"][:1, : len(prompt) + len(items[0].chosen)])
+        logits = base(batch["input_ids"][:1, : len(first.chosen)])
         logp = torch.log_softmax(logits[0, :-1], -1)
-        by_hand = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(items[0].chosen))
+        by_hand = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(first.chosen[len(prompt):]))
     assert metrics["logps/chosen"].item() == pytest.approx(
         sequence_logps(module.model(batch["input_ids"]), batch["labels"])[:4].mean().item(), abs=1e-4)
     assert sequence_logps(logits, batch["labels"][:1, : logits.shape[1]]).item() == pytest.approx(by_hand.item(), abs=1e-4)

@@ -220,3 +220,21 @@ def test_lightning_resume_from_checkpoint_continues_at_the_next_batch(two_source
     assert len(resumed) == 4
     for (tokens, source), (want_tokens, want_source) in zip(resumed, full[4:]):
         assert torch.equal(tokens, want_tokens) and torch.equal(source, want_source)
+
+
+def test_shards_of_the_mistral_tokenizer_are_refused_for_a_llama2_style_model(tmp_path, mistral_model, llama2_style_model):
+    """H2O-Danube2's mistake to avoid: data tokenized for one of the two dummy-prefix tokenizers, trained with the other."""
+    from danube.data.prepare import check_tokenizer
+
+    src = write_jsonl(tmp_path / "in.jsonl", make_docs(300))
+    prepare([src], tmp_path / "mistral", mistral_model, val_fraction=0.1, num_workers=1)
+    mistral, llama2 = Tokenizer(mistral_model), Tokenizer(llama2_style_model)
+    assert read_manifest(tmp_path / "mistral")["tokenizer"]["checksum"] == mistral.checksum
+    with pytest.raises(ValueError, match=llama2.checksum) as err:
+        check_tokenizer(tmp_path / "mistral", llama2.checksum)
+    assert mistral.checksum in str(err.value) and "danube prepare" in str(err.value)
+    with pytest.raises(ValueError, match=mistral.checksum):
+        PretrainDataModule(str(tmp_path / "mistral"), seq_len=SEQ, micro_batch_size=1,
+                           tokenizer_checksum=llama2.checksum).setup("fit")
+    PretrainDataModule(str(tmp_path / "mistral"), seq_len=SEQ, micro_batch_size=1,
+                       tokenizer_checksum=mistral.checksum).setup("fit")

@@ -71,3 +71,30 @@ def test_train_tokenizer_cli_on_jsonl(tmp_path, capsys):
     assert main(["train-tokenizer", str(tmp_path / "broken.jsonl"), "-o", str(out), "--text-field", "body"]) == 1
     assert "broken.jsonl:2" in capsys.readouterr().err
     assert out.read_bytes() == before  # the earlier tokenizer is untouched
+
+
+def test_train_tokenizer_dummy_prefix_makes_a_llama2_style_model(tmp_path):
+    from tests.conftest import corpus_lines
+
+    (tmp_path / "docs.txt").write_text("\n".join(corpus_lines(100)))
+    for flag, expected in (([], False), (["--dummy-prefix"], True)):
+        out = tmp_path / f"t{expected}.model"
+        assert main(["train-tokenizer", str(tmp_path / "docs.txt"), "-o", str(out), "--vocab-size", "400", *flag]) == 0
+        tok = Tokenizer(out)
+        assert tok.add_dummy_prefix is expected
+        assert tok.id_to_piece(tok.encode("the")[0]).startswith("▁") is expected
+
+
+def test_export_refuses_a_tokenizer_whose_ids_it_cannot_reproduce(tmp_path):
+    import sentencepiece as spm
+
+    from tests.conftest import corpus_lines
+
+    # SentencePiece's defaults: a unigram model with NFKC normalisation and squeezed whitespace.
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus_lines(100)), model_prefix=str(tmp_path / "uni"),
+                                   vocab_size=300, minloglevel=2)
+    with pytest.raises(ValueError) as err:
+        save_hf_tokenizer(tmp_path / "uni.model", tmp_path / "hf")
+    message = str(err.value)
+    assert "uni.model" in message and "UNIGRAM" in message and "nmt_nfkc" in message and "remove_extra_whitespaces" in message
+    assert not (tmp_path / "hf").exists()  # refused before anything is written

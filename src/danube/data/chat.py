@@ -4,21 +4,20 @@ Text::
 
     <|system|>{system}</s><|prompt|>{user}</s><|answer|>{assistant}</s><|prompt|>...
 
-The markers are plain text (tokenized as ordinary characters); ``</s>`` stands for the
-EOS token. Token ids are built piece by piece so that ``</s>`` becomes the EOS *id*
-(never the characters ``<``, ``/``, ``s``, ``>``), and so that a prompt rendered for
-generation is exactly a prefix of the same conversation with its answer:
+The markers are plain text; ``</s>`` is the EOS token. The ids of a conversation are
+those of ``BOS + text`` read as markup (:meth:`danube.data.tokenizer.Tokenizer.encode_with_specials`):
+cut at ``</s>``, each stretch between encoded on its own. That is exactly what the
+exported Hugging Face tokenizer gives for ``apply_chat_template(messages)`` with the
+template :func:`hf_chat_template` writes, so a model fine-tuned here is served with the
+ids it was trained on (``transformers``, vLLM), and a generation prompt here is
+``apply_chat_template(messages, add_generation_prompt=True)`` there.
 
-    BOS
-    [ enc("<|system|>" + system) EOS ]                         optional, first only
-    enc("<|prompt|>" + user) EOS enc("<|answer|>")             each turn: the prompt part
-    enc(assistant) EOS                                         each turn: the answer part
-
-The answer text is encoded apart from its ``<|answer|>`` marker: encoding them together
-could merge characters across the boundary, and the prompt would no longer be a prefix.
-The prompt part up to ``<|answer|>`` is split at ``</s>`` exactly as the Hugging Face
-tokenizer splits the rendered string at its EOS token, so a prompt for generation gets
-the ids ``tokenizer(render_chat_prompt(messages))`` gets there.
+An assistant reply is encoded together with its ``<|answer|>`` marker, as one stretch,
+the way the rendered string is; its trained tokens are found from the pieces' character
+offsets: every token that spells a character of the reply, and the EOS closing it. When
+one piece spans the marker's end and the reply's start (the Mistral tokenizer has ``>"``
+and ``>(``), that token is trained, and the generation prompt, which ends with ``>``, is
+then not a prefix of the trained ids; otherwise it is.
 """
 
 from __future__ import annotations
@@ -32,10 +31,23 @@ Message = dict[str, str]
 
 
 class ChatTokenizer(Protocol):
+    """What prompts need: :class:`danube.data.tokenizer.Tokenizer` or :class:`danube.eval.loading.TextTokenizer`."""
+
     bos_id: int
     eos_id: int
+    eos_text: str
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
+    def encode_with_specials(self, text: str) -> list[int]: ...
+
+
+class TrainingTokenizer(ChatTokenizer, Protocol):
+    """What trained conversations need on top: :class:`danube.data.tokenizer.Tokenizer`."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_split(self, text: str, at: int) -> tuple[list[int], int]: ...
+
+    def split_specials(self, text: str): ...
 
 
 def check_messages(messages: Sequence[Message], *, ends_with: str | None = None) -> None:
@@ -63,52 +75,92 @@ def check_messages(messages: Sequence[Message], *, ends_with: str | None = None)
                          f"got {messages[-1]['role']!r}")
 
 
-def render_chat(messages: Sequence[Message]) -> str:
-    """A whole conversation as text, every turn closed with ``</s>``."""
+def render_chat(messages: Sequence[Message], eos: str = END) -> str:
+    """A whole conversation as text, every turn closed with ``eos``."""
     check_messages(messages)
-    return "".join(ROLE_MARKERS[m["role"]] + m["content"] + END for m in messages)
+    return "".join(ROLE_MARKERS[m["role"]] + m["content"] + eos for m in messages)
 
 
-def render_chat_prompt(messages: Sequence[Message]) -> str:
+def render_chat_prompt(messages: Sequence[Message], eos: str = END) -> str:
     """A conversation ending with a user turn, followed by an open ``<|answer|>`` for the model."""
     check_messages(messages, ends_with="user")
-    return render_chat(messages) + ANSWER
+    return render_chat(messages, eos) + ANSWER
 
 
-def _encode_with_eos(tok: ChatTokenizer, text: str) -> list[int]:
-    """``text`` with each ``</s>`` as the EOS id; the pieces between are encoded separately."""
-    pieces = text.split(END)
-    ids = tok.encode(pieces[0]) if pieces[0] else []
-    for piece in pieces[1:]:
-        ids += [tok.eos_id] + (tok.encode(piece) if piece else [])
-    return ids
+def hf_chat_template(bos: bool = True) -> str:
+    """The Jinja chat template of the exported tokenizer: :func:`render_chat` after ``bos_token``.
+
+    It refuses what :func:`check_messages` refuses (unknown roles, a late system message,
+    turns out of order), so a server cannot feed the model a shape it never saw.
+    """
+    return (
+        ("{{ bos_token }}" if bos else "")
+        + "{% set offset = 1 if messages and messages[0]['role'] == 'system' else 0 %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}"
+        "{% if not loop.first %}{{ raise_exception('a system message may only come first') }}{% endif %}"
+        "{{ '" + SYSTEM + "' + message['content'] + eos_token }}"
+        "{% elif message['role'] == ['user', 'assistant'][(loop.index0 - offset) % 2] %}"
+        "{{ ('" + PROMPT + "' if message['role'] == 'user' else '" + ANSWER + "') + message['content'] + eos_token }}"
+        "{% else %}{{ raise_exception('turns must be system (first), then user and assistant alternating; got '"
+        " + message['role'] + ' at position ' + loop.index0|string) }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + ANSWER + "' }}{% endif %}"
+    )
+
+
+def _bos(tok: ChatTokenizer) -> list[int]:
+    return [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
 
 
 def encode_chat_prompt(tok: ChatTokenizer, messages: Sequence[Message]) -> list[int]:
-    """Ids of :func:`render_chat_prompt`: BOS, every turn, an open ``<|answer|>``; for generation."""
-    check_messages(messages, ends_with="user")
-    return encode_conversation(tok, list(messages))[0]
+    """Ids of ``BOS +`` :func:`render_chat_prompt`, for generation: ``apply_chat_template(..., add_generation_prompt=True)``."""
+    return _bos(tok) + tok.encode_with_specials(render_chat_prompt(messages, tok.eos_text))
 
 
-def encode_conversation(tok: ChatTokenizer, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
-    """Ids of a conversation and, per id, whether it is a trained (assistant) token.
+def encode_conversation(
+    tok: TrainingTokenizer, messages: Sequence[Message], last_reply_only: bool = False
+) -> tuple[list[int], list[bool]]:
+    """Ids of ``BOS +`` :func:`render_chat` and, per id, whether it is trained.
 
-    Trained tokens are each assistant reply and the EOS that closes it; everything else
-    (BOS, system, user turns, the markers) is context only. A conversation that ends with
-    a user turn ends with an open ``<|answer|>`` (a generation prompt).
+    Trained are the tokens that spell an assistant reply and the EOS closing it (with
+    ``last_reply_only``, the last reply only: a DPO completion); everything else (BOS,
+    system, user turns, the markers) is context. A conversation that ends with a user
+    turn ends with an open ``<|answer|>`` (a generation prompt).
     """
     check_messages(messages)
-    ids = [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
-    trained = [False] * len(ids)
+    text = render_chat(messages, tok.eos_text)
+    spans = []  # (start, end) of each trained reply and its closing EOS, in characters of `text`
+    pos = 0
     for m in messages:
+        start = pos + len(ROLE_MARKERS[m["role"]])
+        pos = start + len(m["content"]) + len(tok.eos_text)
         if m["role"] == "assistant":
-            part = (tok.encode(m["content"]) if m["content"] else []) + [tok.eos_id]
-            flags = [True] * len(part)
+            spans.append((start, pos))
+    if last_reply_only:
+        spans = spans[-1:]
+    if messages[-1]["role"] == "user":
+        text += ANSWER
+
+    def trained(b: int, e: int) -> bool:
+        # An empty span (the dummy prefix, a byte-fallback piece) belongs where it stands.
+        return any((b < t and e > s) or (b == e and s <= b < t) for s, t in spans)
+
+    ids, flags = _bos(tok), [False] * len(_bos(tok))
+    for start, end, special in tok.split_specials(text):
+        if special is not None:
+            ids.append(special)
+            flags.append(trained(start, end))
+            continue
+        # A reply starts inside this stretch ("<|answer|>{reply}"; it runs to the EOS that ends
+        # the stretch): context up to the reply's first token, trained from there on.
+        reply = next((s for s, _ in spans if start < s < end), None)
+        if reply is None:  # wholly inside or outside a reply: one flag for every piece
+            part = tok.encode(text[start:end])
+            ids += part
+            flags += [trained(start, end)] * len(part)
         else:
-            # "<|prompt|>{user}</s><|answer|>" (or "<|system|>{system}</s>") as one piece of text.
-            text = ROLE_MARKERS[m["role"]] + m["content"] + END + (ANSWER if m["role"] == "user" else "")
-            part = _encode_with_eos(tok, text)
-            flags = [False] * len(part)
-        ids += part
-        trained += flags
-    return ids, trained
+            part, before = tok.encode_split(text[start:end], reply - start)
+            ids += part
+            flags += [False] * before + [True] * (len(part) - before)
+    return ids, flags

@@ -16,11 +16,12 @@ Records come from a file, a local copy of a Hub dataset or a Hub id
 (:mod:`danube.data.records`), one at a time. Pairs whose chosen and rejected replies are
 the same text are dropped and counted.
 
-Chosen and rejected share the prompt ids (:func:`danube.data.chat.encode_chat_prompt`);
-each completion is the reply's ids and EOS. Labels are -100 on the prompt, so log-probs
-are summed over completion tokens only. A pair longer than ``max_seq_len``: the
-completions are cut to fit (counted); a prompt leaving fewer than ``min_completion_tokens``
-is dropped (counted).
+Each row is the whole conversation, prompt turns then the reply, with the ids the exported
+tokenizer gives it (:func:`danube.data.chat.encode_conversation`); the completion is the
+tokens of the reply and its EOS, found from the pieces' offsets. Labels are -100 on the
+prompt, so log-probs are summed over completion tokens only. A pair longer than
+``max_seq_len``: the completions are cut to fit (counted); a prompt leaving fewer than
+``min_completion_tokens`` is dropped (counted).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from danube.data.chat import ChatTokenizer, check_messages, encode_chat_prompt
+from danube.data.chat import TrainingTokenizer, check_messages, encode_conversation
 from danube.data.records import ReadStats, RecordError, Rows, Schema, Source, as_source, text_field
 from danube.data.sft import IGNORE
 
@@ -176,30 +177,35 @@ def read_pairs(source: Source | str | Path, format: str, lang: str | None = "en"
 
 @dataclass
 class TokenizedPair:
-    prompt: list[int]
-    chosen: list[int]  # completion ids, EOS last
+    """Both rows of a pair, each a whole conversation; ``*_start`` is where its completion begins."""
+
+    chosen: list[int]  # prompt ids, then the completion (EOS last)
+    chosen_start: int
     rejected: list[int]
+    rejected_start: int
 
     @property
     def loss_tokens(self) -> int:
         return 1  # DPO averages over pairs, not tokens
 
 
-def tokenize_pairs(tok: ChatTokenizer, pairs: Iterable[Pair], max_seq_len: int, min_completion_tokens: int = 8,
+def _row(tok: TrainingTokenizer, prompt: list[dict[str, str]], reply: str) -> tuple[list[int], int]:
+    ids, trained = encode_conversation(tok, [*prompt, {"role": "assistant", "content": reply}], last_reply_only=True)
+    return ids, trained.index(True)  # the completion is a suffix: the reply's tokens and its EOS
+
+
+def tokenize_pairs(tok: TrainingTokenizer, pairs: Iterable[Pair], max_seq_len: int, min_completion_tokens: int = 8,
                    source: str = "") -> tuple[list[TokenizedPair], Counter]:
     out, counts, n = [], Counter(), 0
     for n, p in enumerate(pairs, 1):  # pairs may be a generator: a source is never held twice
-        prompt = encode_chat_prompt(tok, p.prompt)
-        chosen = tok.encode(p.chosen) + [tok.eos_id]
-        rejected = tok.encode(p.rejected) + [tok.eos_id]
-        room = max_seq_len - len(prompt)
-        if room < min_completion_tokens:
+        (chosen, c0), (rejected, r0) = _row(tok, p.prompt, p.chosen), _row(tok, p.prompt, p.rejected)
+        if max_seq_len - max(c0, r0) < min_completion_tokens:
             counts["dropped (prompt too long)"] += 1
             continue
-        if max(len(chosen), len(rejected)) > room:
+        if max(len(chosen), len(rejected)) > max_seq_len:
             counts["completions truncated"] += 1
-            chosen, rejected = chosen[:room], rejected[:room]
-        out.append(TokenizedPair(prompt, chosen, rejected))
+            chosen, rejected = chosen[:max_seq_len], rejected[:max_seq_len]
+        out.append(TokenizedPair(chosen, c0, rejected, r0))
     log.info("%s%d preference pairs -> %d (max_seq_len %d: %s)", f"{source}: " if source else "", n, len(out),
              max_seq_len, ", ".join(f"{n} {k}" for k, n in counts.items()) or "none affected")
     return out, counts
@@ -207,12 +213,11 @@ def tokenize_pairs(tok: ChatTokenizer, pairs: Iterable[Pair], max_seq_len: int, 
 
 def collate_pairs(items: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows first, then rejected rows, right-padded to one width: one forward for both."""
-    rows = [(p.prompt, p.chosen) for p in items] + [(p.prompt, p.rejected) for p in items]
-    width = max(len(a) + len(b) for a, b in rows)
+    rows = [(p.chosen, p.chosen_start) for p in items] + [(p.rejected, p.rejected_start) for p in items]
+    width = max(len(seq) for seq, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for r, (prompt, completion) in enumerate(rows):
-        seq = prompt + completion
+    for r, (seq, start) in enumerate(rows):
         ids[r, : len(seq)] = torch.tensor(seq)
-        labels[r, len(prompt): len(seq)] = torch.tensor(completion)
+        labels[r, start: len(seq)] = torch.tensor(seq[start:])
     return {"input_ids": ids, "labels": labels}

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from danube.data.chat import ChatTokenizer, check_messages, encode_conversation
+from danube.data.chat import TrainingTokenizer, check_messages, encode_conversation
 from danube.data.records import ReadStats, RecordError, Rows, Schema, Source, as_source, text_field
 
 log = logging.getLogger(__name__)
@@ -177,13 +177,13 @@ class Sample:
         return sum(1 for x in self.labels[1:] if x != IGNORE)  # labels[0] is never predicted
 
 
-def tokenize_conversation(tok: ChatTokenizer, messages: Sequence[dict[str, str]]) -> Sample:
+def tokenize_conversation(tok: TrainingTokenizer, messages: Sequence[dict[str, str]]) -> Sample:
     ids, trained = encode_conversation(tok, messages)
     return Sample(ids, [i if t else IGNORE for i, t in zip(ids, trained)])
 
 
 def tokenize_conversations(
-    tok: ChatTokenizer, conversations: Iterable[Sequence[dict[str, str]]], max_seq_len: int, truncation: str = "truncate",
+    tok: TrainingTokenizer, conversations: Iterable[Sequence[dict[str, str]]], max_seq_len: int, truncation: str = "truncate",
     source: str = "",
 ) -> tuple[list[Sample], Counter]:
     """Tokenize, then apply the truncation policy; returns the samples and what happened to the rest."""

@@ -1,10 +1,12 @@
 """lm-evaluation-harness model for danube: ``simple_evaluate(model=DanubeLM(...))``.
 
 It scores exactly what lm-eval's own ``hf`` model scores on the exported Hugging Face
-directory: the same tokenization (BOS first, context/continuation split by
-``TemplateLM``), the same left truncation to ``max_length``, and greedy generation that
-stops on the same strings. Requests are sorted longest first and batched, so padding
-is small and a too-long batch fails at the start rather than at the end.
+directory: the same tokenization (BOS first, text read as markup as the exported
+tokenizer reads it, context/continuation split by ``TemplateLM``), the same left
+truncation to ``max_length``, and greedy generation that stops on the same strings, with
+the repetition penalty the model's generation config gives transformers when the task
+sets none (1.1 for a danube export: the report's). Requests are sorted longest first and
+batched, so padding is small and a too-long batch fails at the start rather than at the end.
 
 Registered as ``danube`` too: ``lm_eval --model danube --model_args pretrained=DIR``.
 """
@@ -22,7 +24,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from danube.eval.loading import TextTokenizer, load_for_eval
+from danube.eval.loading import TextTokenizer, default_repetition_penalty, load_for_eval
 from danube.model.generate import SamplingParams, generate
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ class DanubeLM(TemplateLM):
         batch_size: requests per forward pass.
         max_length: context limit; default the model's ``max_seq_len`` (as ``hf`` reads it).
         max_gen_toks: generation limit when a task does not set one.
+        repetition_penalty: when a task does not set one; default what the model's
+            generation config gives transformers (``hf`` applies it too): 1.1 for a danube
+            model directory or export, the report's decoding; 1.0 for plain greedy.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class DanubeLM(TemplateLM):
         batch_size: int | str = 8,
         max_length: int | None = None,
         max_gen_toks: int = 256,
+        repetition_penalty: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -64,6 +70,9 @@ class DanubeLM(TemplateLM):
         self.max_length = int(max_length or self.model.cfg.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self.pretrained = str(pretrained)
+        # `hf` generates with the exported generation_config.json's defaults: so do we.
+        self.repetition_penalty = float(repetition_penalty if repetition_penalty is not None
+                                        else default_repetition_penalty(pretrained))
 
     @property
     def eot_token_id(self) -> int:
@@ -78,8 +87,11 @@ class DanubeLM(TemplateLM):
         return str(self.tok.source)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        bos = True if add_special_tokens is None else add_special_tokens
-        return self.tok.encode(string, bos=bos)
+        # As `hf`: BOS unless told otherwise, or unless the string already starts with the BOS
+        # piece, which reading the string as markup turns into the BOS id itself.
+        if add_special_tokens is None:
+            add_special_tokens = not (self.tok.bos_id >= 0 and string.startswith(self.tok.bos_text))
+        return self.tok.encode(string, bos=add_special_tokens)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens)
@@ -173,7 +185,7 @@ class DanubeLM(TemplateLM):
                 temperature=temperature if do_sample else 0.0,
                 top_k=int(kwargs.pop("top_k", 0) or 0),
                 top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
-                repetition_penalty=float(kwargs.pop("repetition_penalty", 1.0)),
+                repetition_penalty=float(kwargs.pop("repetition_penalty", self.repetition_penalty)),
                 stop_token_ids=(self.tok.eos_id,),
                 stop_strings=tuple(s for s in until if s),
             )

@@ -18,10 +18,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TextTokenizer:
     """The few calls evaluation needs, over SentencePiece (danube dirs) or transformers (HF dirs).
 
-    ``encode(text, bos=True)`` matches what lm-eval's ``hf`` model gets from the
-    Hugging Face tokenizer: BOS first, then the text's pieces. As with
-    :class:`danube.data.tokenizer.Tokenizer`, BOS is only added when asked for. ``decode`` drops special
-    tokens, as lm-eval does.
+    Text is read as markup (see :mod:`danube.data.tokenizer`): ``encode(text, bos=True)``
+    is what lm-eval's ``hf`` model gets from the exported Hugging Face tokenizer, BOS
+    first (only when asked for), then the text with ``</s>`` and the other special
+    pieces' strings as their ids. ``decode`` drops special tokens, as lm-eval does.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -52,11 +52,16 @@ class TextTokenizer:
             self.eos_id = self.hf.eos_token_id
             self.vocab_size = len(self.hf)
         self.eos_text = self.decode_special([self.eos_id])
+        self.bos_text = self.decode_special([self.bos_id]) if self.bos_id >= 0 else ""
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         if self.sp is not None:
-            return self.sp.encode(text, bos=bos)
+            return ([self.bos_id] if bos and self.bos_id >= 0 else []) + self.sp.encode_with_specials(text)
         return self.hf.encode(text, add_special_tokens=bos)
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """``text`` read as markup, no BOS: what the chat prompts are made of."""
+        return self.encode(text, bos=False)
 
     def decode(self, ids: list[int]) -> str:
         if self.sp is not None:
@@ -67,6 +72,28 @@ class TextTokenizer:
         if self.sp is not None:
             return "".join(self.sp.id_to_piece(i) for i in ids)
         return self.hf.decode(ids, skip_special_tokens=False)
+
+
+def default_repetition_penalty(path: str | Path) -> float:
+    """The repetition penalty ``transformers`` ``generate`` applies to this model when none is given.
+
+    A directory's ``generation_config.json`` says it; without one, a danube model directory
+    gets what ``danube export-hf`` writes (the report's 1.1), a Hugging Face one
+    transformers' default (1.0).
+    """
+    import json
+
+    from danube.hf import REPORT_GENERATION
+    from danube.model.io import GENERATION_FILE
+
+    path = Path(path)
+    file = path / GENERATION_FILE
+    if file.is_file():
+        try:
+            return float(json.loads(file.read_text(encoding="utf-8")).get("repetition_penalty", 1.0))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"{file}: not a generation config with a numeric repetition_penalty: {err}") from err
+    return REPORT_GENERATION["repetition_penalty"] if (path / CONFIG_FILE).is_file() else 1.0
 
 
 def load_for_eval(

@@ -27,7 +27,7 @@ from danube.model.generate import SamplingParams, generate
 log = logging.getLogger(__name__)
 
 def encode_chat(tok: TextTokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The generation prompt exactly as SFT tokenizes it (see :mod:`danube.data.chat`)."""
+    """The generation prompt: ``apply_chat_template(messages, add_generation_prompt=True)`` of the export."""
     return encode_chat_prompt(tok, messages)
 
 

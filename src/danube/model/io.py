@@ -2,10 +2,12 @@
 
 A model directory holds::
 
-    config.yaml          # DanubeConfig fields (plain YAML)
-    model.safetensors    # the state dict, Hugging Face parameter names
-    tokenizer.model      # optional: the SentencePiece model the vocabulary comes from
-    checksums.sha256     # sha256 of the files above (`sha256sum -c checksums.sha256` reads it)
+    config.yaml             # DanubeConfig fields (plain YAML)
+    model.safetensors       # the state dict, Hugging Face parameter names
+    tokenizer.model         # optional: the SentencePiece model the vocabulary comes from
+    generation_config.json  # optional: kept from an imported Hugging Face checkpoint, exported as is
+    chat_template.jinja     # optional: likewise, the imported tokenizer's chat template
+    checksums.sha256        # sha256 of the files above (`sha256sum -c checksums.sha256` reads it)
 
 Directories are written to a temporary sibling and renamed into place, so a crash
 mid-write never leaves a half-written model where a good one was. Loading verifies the
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
+GENERATION_FILE = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHECKSUM_FILE = "checksums.sha256"
 
 
@@ -182,8 +186,14 @@ def tokenizer_path(path: str | Path) -> Path | None:
     return file if file.is_file() else None
 
 
-def save_model_dir(model: Danube, path: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Write ``model`` (and optionally its SentencePiece tokenizer) as a model directory, atomically."""
+def save_model_dir(
+    model: Danube, path: str | Path, tokenizer: str | Path | None = None, extra_files: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``model`` (and optionally its SentencePiece tokenizer) as a model directory, atomically.
+
+    ``extra_files`` maps file names (:data:`GENERATION_FILE`, :data:`CHAT_TEMPLATE_FILE`) to
+    their text, written into the same directory before it is renamed into place.
+    """
     with atomic_dir(path) as tmp:
         with open(tmp / CONFIG_FILE, "w") as f:
             yaml.safe_dump(model.cfg.to_dict(), f, sort_keys=False)
@@ -193,6 +203,9 @@ def save_model_dir(model: Danube, path: str | Path, tokenizer: str | Path | None
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
             names.append(TOKENIZER_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+            names.append(name)
         write_checksums(tmp, names)
     log.info("wrote model directory %s", path)
     return Path(path)
