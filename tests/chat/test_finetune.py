@@ -168,3 +168,19 @@ def test_report_chain_sft_dpo1_merge_dpo2_export(tiny_model_dir, tmp_path):
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         hf_logits_match(out, result.model_dir, tok)
+
+
+def test_a_second_run_never_replaces_its_input_or_a_finished_run(tiny_model_dir, chat_files, tmp_path):
+    """The default name=finetune_dpo made DPO 2 (model_dir=runs/finetune_dpo/model) overwrite DPO 1, its own input."""
+    base = CPU + ["loss=dpo", "chat_data=pref_pairs", f"chat_data.sources.pairs.path={chat_files['pairs']}",
+                  "train.max_steps=1", f"paths.runs_dir={tmp_path}"]
+    first = run(compose_finetune(base + [f"model_dir={tiny_model_dir}"]))
+    assert first.run_dir == tmp_path / "finetune_dpo"
+    weights = (first.model_dir / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="lies inside this run's directory .*name=NAME"):
+        run(compose_finetune(base + [f"model_dir={first.model_dir}"]))
+    with pytest.raises(FileExistsError, match="already holds a fine-tuned model .*overwrite=true"):
+        run(compose_finetune(base + [f"model_dir={tiny_model_dir}"]))
+    assert (first.model_dir / "model.safetensors").read_bytes() == weights
+    second = run(compose_finetune(base + [f"model_dir={first.model_dir}", "name=dpo2"]))
+    assert second.run_dir == tmp_path / "dpo2" and len(list((tmp_path / "finetune_dpo" / "history").glob("*"))) == 1

@@ -194,6 +194,12 @@ class PretrainModule(L.LightningModule):
         lr = self.lr_now()
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # The step's metrics are written here, before the step boundary's checkpoint
+        # (danube.callbacks.StepBoundary, after the optimizer step): a run killed right
+        # after that checkpoint has already logged the step it resumes after.
+        step = self.global_step + 1  # the step being taken
+        if step % self.hparams.log_every_n_steps == 0:
+            self._log_train_metrics(step)
 
     # -- steps ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -209,12 +215,7 @@ class PretrainModule(L.LightningModule):
             self._source_tokens = counts if self._source_tokens is None else self._source_tokens + counts
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
-        if stepped and self.global_step % self.hparams.log_every_n_steps == 0:
-            self._log_train_metrics()
-
-    def _log_train_metrics(self) -> None:
+    def _log_train_metrics(self, step: int) -> None:
         """Reduce across ranks and write one point per metric at x = tokens seen."""
         if self._loss_sum is None:
             return
@@ -224,7 +225,7 @@ class PretrainModule(L.LightningModule):
             "train/lr": self.optimizers().optimizer.param_groups[0]["lr"],
             "train/seq_len": float(self.hparams.seq_len),
             "train/tokens_seen": float(self.tokens_seen),
-            "train/step": float(self.global_step),
+            "train/step": float(step),
         }
         if self.hparams.source_names:
             self._flush_source_tokens()

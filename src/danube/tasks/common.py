@@ -11,11 +11,10 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from danube.checkpoints import AtomicCheckpointIO
 from danube.errors import MissingHardware
-from danube.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +160,6 @@ def build_trainer(
     )
 
 
-def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-
 # Errors a user can act on: a bad value, a missing or damaged file, a directory in use.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MissingHardware)
 
@@ -179,10 +174,16 @@ def run_entry_point(script: str, task: Callable[[DictConfig], Any], cfg: DictCon
     * An interrupted run (SIGTERM, SIGINT) exits with 128 + the signal number after
       saying which checkpoint survived and how to resume: never 0.
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from danube.callbacks import Interrupted
 
     try:
         return task(cfg)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (fine-tuning), a SystemExit with code 0
+        log.warning("%s: stopped by SIGTERM before the end; fine-tuning keeps no checkpoint: run the same command "
+                    "again to start it over", script)
+        sys.exit(143)
     except Interrupted as err:
         log.warning("%s: %s. Run the same command again to resume from it.", script, err)
         sys.exit(err.exit_code)

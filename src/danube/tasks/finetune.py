@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from danube.data.tokenizer import Tokenizer
 from danube.model.io import load_pretrained, save_model_dir, tokenizer_path
-from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, save_resolved_config, world_size
+from danube import rundir
+from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, world_size
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,9 @@ class SourceCounts:
 
 
 def _item_tokens(item) -> tuple[int, int]:
-    if hasattr(item, "chosen"):  # a tokenized preference pair
-        return len(item.prompt) + len(item.chosen) + len(item.rejected), len(item.chosen) + len(item.rejected)
+    if hasattr(item, "chosen"):  # a tokenized preference pair: two whole rows, completions at their ends
+        completions = len(item.chosen) - item.chosen_start + len(item.rejected) - item.rejected_start
+        return len(item.chosen) + len(item.rejected), completions
     return len(item.input_ids), item.loss_tokens
 
 
@@ -352,15 +354,37 @@ def build_model(cfg: DictConfig, tok: Tokenizer):
 
 def run(cfg: DictConfig) -> FinetuneResult:
     """Fine-tune ``model_dir`` on ``chat_data`` with ``loss`` (sft | dpo); write ``run_dir/model``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from danube.data.sft import micro_batches_per_step, step_plan
+    from danube.data.sft import micro_batches_per_step
 
     sources = validate(cfg)
     tok = load_tokenizer(cfg)
     ws = world_size(cfg.trainer)
     accumulate = micro_batches_per_step(int(cfg.train.batch_size), int(cfg.train.micro_batch_size), ws)
     run_dir = resolve_run_dir(cfg)
+    check_output(cfg, run_dir)
+    with rundir.lock(run_dir, what="fine-tuning run"):
+        return _run_locked(cfg, sources, tok, ws, accumulate, run_dir)
+
+
+def check_output(cfg: DictConfig, run_dir: Path) -> None:
+    """A fine-tuning run never writes over its own input, nor over a finished run without ``overwrite=true``."""
+    model_dir = Path(cfg.model_dir).resolve()
+    if model_dir == run_dir.resolve() or run_dir.resolve() in model_dir.parents:
+        raise FileExistsError(
+            f"model_dir={cfg.model_dir} lies inside this run's directory {run_dir}, which the run writes: the result "
+            f"would replace its own input. Give the run its own name=NAME (or run_dir=PATH)"
+        )
+    if (run_dir / "model").exists() and not cfg.get("overwrite"):
+        recorded = rundir.read_recorded(run_dir) or {}
+        raise FileExistsError(
+            f"{run_dir} already holds a fine-tuned model (from model_dir={recorded.get('model_dir', '?')}); give this "
+            "run its own name=NAME (or run_dir=PATH), or pass overwrite=true to replace it"
+        )
+
+
+def _run_locked(cfg: DictConfig, sources, tok: Tokenizer, ws: int, accumulate: int, run_dir: Path) -> FinetuneResult:
+    from danube.data.sft import step_plan
+
     L.seed_everything(int(cfg.seed), workers=True)
 
     items, val_items, collate_fn, counts = build_items(cfg, sources, tok)
@@ -383,16 +407,16 @@ def run(cfg: DictConfig) -> FinetuneResult:
     log.info("%s: %d items, %d optimizer steps of %d (micro-batch %d x %d accumulation x %d device(s))%s",
              cfg.loss.name, len(items), len(plan), int(cfg.train.batch_size), int(cfg.train.micro_batch_size),
              accumulate, ws, f"; {len(val_items)} held out for validation" if val_items else "")
-    save_resolved_config(cfg, run_dir)
+    if rundir.is_rank_zero():
+        rundir.record_invocation(run_dir, OmegaConf.to_container(cfg, resolve=True), [])
     # Lightning counts the validation interval in micro-batches; with no interval, validation
-    # runs once, after the last step (below).
+    # runs once, after the last step (below). A run started again hides what a killed one logged.
     val_every = cfg.train.get("val_every_n_steps")
+    restarted = any((run_dir / "tensorboard" / cfg.loss.name).glob("events.out.tfevents.*"))
     trainer = build_trainer(cfg, stage_dir=run_dir, logger_dir=run_dir / "tensorboard",
                             logger_version=cfg.loss.name, max_steps=len(plan), accumulate=accumulate,
-                            val_check_interval=int(val_every or len(plan)) * accumulate)
-    # The result is a model directory (below); Lightning's default end-of-epoch checkpoint
-    # would only duplicate it with optimizer state.
-    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+                            val_check_interval=int(val_every or len(plan)) * accumulate,
+                            purge_step=0 if restarted else None)
     num_workers, mbs = int(cfg.train.num_workers), int(cfg.train.micro_batch_size)
     data = (FinetuneDataWithValidation(items, plan, collate_fn, val_items, mbs, num_workers) if val_items
             else FinetuneData(items, plan, collate_fn, num_workers))
