@@ -16,7 +16,7 @@ Lightning's own loop overhead is not included.
 CPU (fp32)::
 
     python bench/train_throughput.py --compile  # tiny and ~100M models, writes BENCHMARKS.md
-    python bench/train_throughput.py --quick    # tiny only, < 1 minute; last line ratio_vs_hf=<float>
+    python bench/train_throughput.py --quick    # tiny only, < 1 minute, prints only (--write records it)
 
 GPU::
 
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N most expensive ops of one step of each side (torch.profiler)")
-    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    benchlib.add_write_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_vs_hf (last line of the script) is the median of that column over the cases run, "
             "for the uncompiled danube step (the default of `train.compile`).\n")
     benchlib.publish(name, f"Training step ({'quick, ' if args.quick else ''}{args.device})", header, rows, note,
-                     write=not args.no_write)
+                     write=benchlib.should_write(args))
     print(f"MFU against: {peak_note}")
     if ratios:
         print(f"ratio_vs_hf={benchlib.median(ratios):.3f}")
