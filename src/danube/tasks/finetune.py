@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from danube.callbacks import StageProgressBar
 from danube.data.tokenizer import Tokenizer
 from danube.model.io import load_pretrained, save_model_dir, tokenizer_path
 from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, save_resolved_config, world_size
@@ -193,7 +194,8 @@ def run(cfg: DictConfig) -> FinetuneResult:
     save_resolved_config(cfg, run_dir)
     trainer = build_trainer(cfg, stage_dir=run_dir, logger_dir=run_dir / "tensorboard",
                             logger_version=cfg.loss.name, max_steps=len(plan), accumulate=accumulate,
-                            val_check_interval=len(plan) * accumulate)
+                            val_check_interval=len(plan) * accumulate,
+                            callbacks=[StageProgressBar(f"{cfg.loss.name} steps")])
     # The result is a model directory (below); Lightning's default end-of-epoch checkpoint
     # would only duplicate it with optimizer state.
     trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
