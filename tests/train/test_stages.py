@@ -176,7 +176,7 @@ def test_plan_shows_each_stage_mixture(capsys):
 
 def test_init_from_must_fit_the_model_and_the_data(tmp_path, data_root, sp_model):
     base = [*SHAPES, *BUDGET, f"paths.data_dir={data_root}", f"run_dir={tmp_path}/run"]
-    with pytest.raises(FileNotFoundError, match="not a danube model directory"):
+    with pytest.raises(FileNotFoundError, match="init_from=.*not a model directory"):
         validate(compose_train(["experiment=danube2_continue_tiny", f"init_from={tmp_path}", *base]))
     other = compose_train(["experiment=danube2_continue_tiny", f"init_from={tmp_path}", *base,
                            "model.intermediate_size=96"])

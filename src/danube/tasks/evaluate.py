@@ -70,9 +70,9 @@ def _check(cfg: DictConfig) -> tuple[str, DictConfig | None]:
     kind = suite.get("kind", "lm_eval") if suite else "lm_eval"
     if kind not in KINDS:
         raise ValueError(f"suite.kind={kind!r}; choose one of {KINDS}")
-    model_path = Path(cfg.model_path)
-    if not model_path.is_dir():
-        raise FileNotFoundError(f"model_path={model_path}: not a directory")
+    from danube.model.io import check_model_dir
+
+    check_model_dir(cfg.model_path, "model_path")
     if kind == "lm_eval" and not suite and not cfg.get("tasks"):
         raise ValueError("give tasks=[task,...] or suite=danube_table1|open_llm_v1|perplexity|mt_bench")
     if suite and cfg.get("tasks"):

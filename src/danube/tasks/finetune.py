@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from danube.callbacks import StageProgressBar
 from danube.data.tokenizer import Tokenizer
-from danube.model.io import load_pretrained, save_model_dir, tokenizer_path
+from danube.model.io import check_model_dir, load_pretrained, save_model_dir, tokenizer_path
 from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, save_resolved_config, world_size
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ def validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         raise ValueError(f"loss.name={loss!r}; allowed: {', '.join(LOSSES)}")
     if cfg.get("model_dir") in (None, "???"):
         raise ValueError("model_dir=PATH is required: a danube model directory or a Hugging Face checkpoint directory")
-    model_dir = Path(cfg.model_dir)
-    if not ((model_dir / "config.yaml").is_file() or (model_dir / "config.json").is_file()):
-        raise FileNotFoundError(f"model_dir={model_dir}: not a danube model directory (config.yaml) nor a "
-                                "Hugging Face checkpoint (config.json)")
+    check_model_dir(cfg.model_dir, "model_dir")
     sources = _sources(cfg)
     allowed = FORMATS if loss == "sft" else tuple(PAIR_READERS)
     for name, src in sources.items():

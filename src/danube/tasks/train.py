@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from danube.callbacks import StageProgressBar
 from danube.data.tokenizer import Tokenizer
 from danube.model import DanubeConfig
-from danube.model.io import check_state_dict, is_model_dir, save_model_dir, tokenizer_path
+from danube.model.attention import check_backend_available
+from danube.model.io import check_model_dir, check_state_dict, save_model_dir, tokenizer_path
 from danube.schedule import StagePlan, check_weights, format_mixture, format_plan, plan_stages
 from danube.tasks.common import (
     build_trainer,
@@ -100,6 +101,7 @@ def validate(cfg: DictConfig) -> list[StagePlan]:
     check_mixtures(cfg, plans)
     if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere
         check_trainer_config(cfg.trainer, cfg.precision)
+        check_backend_available(model_cfg.attn_backend, str(cfg.trainer.accelerator))
         if cfg.get("init_from"):
             check_init_from(Path(cfg.init_from), model_cfg)
     return plans
@@ -171,8 +173,7 @@ def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
     from danube.model import build_model
     from danube.model.io import WEIGHTS_FILE
 
-    if not is_model_dir(path):
-        raise FileNotFoundError(f"init_from={path}: not a danube model directory (config.yaml + model.safetensors)")
+    check_model_dir(path, "init_from", hf=False)
     if tokenizer_path(path) is None:
         raise FileNotFoundError(
             f"init_from={path} has no tokenizer.model: the run cannot check that its data uses the model's tokenizer"
