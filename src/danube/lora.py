@@ -61,9 +61,7 @@ def load_adapter(adapter_dir: str | Path, base: str | Path | None = None, device
     """The base model (from ``base`` or the adapter's ``base_model_name_or_path``) with the adapter on it."""
     import peft
 
-    from danube.model.io import load_pretrained
-
-    from danube.model.io import find_under
+    from danube.model.io import find_under, load_pretrained
 
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"

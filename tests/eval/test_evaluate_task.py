@@ -129,13 +129,15 @@ def test_suite_with_local_replacement_tasks_writes_the_table(model_dirs, task_di
     assert "toy_mc_arc_easy" in per_task and "±" in per_task
 
 
-def test_bad_config_fails_before_loading(tmp_path):
+def test_bad_config_fails_before_loading(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="tasks="):
-        run(config(f"model_path={tmp_path}"))
-    with pytest.raises(FileNotFoundError, match="model_path"):
+        run(config(f"model_path={model_dirs[0]}"))
+    with pytest.raises(FileNotFoundError, match="model_path=.*nope: no such directory"):
         run(config(f"model_path={tmp_path / 'nope'}", "tasks=[x]"))
+    with pytest.raises(FileNotFoundError, match="model_path=.* is not a model directory"):
+        run(config(f"model_path={tmp_path}", "tasks=[x]"))
     with pytest.raises(ValueError, match="questions"):
-        run(config(f"model_path={tmp_path}", "suite=mt_bench"))
+        run(config(f"model_path={model_dirs[0]}", "suite=mt_bench"))
 
 
 def test_perplexity_suite_on_litdata_shards(model_dirs, tmp_path):

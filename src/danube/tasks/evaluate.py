@@ -46,8 +46,8 @@ def model_label(model_path: str | Path, runs_dir: str | Path) -> str:
     return "-".join(parts) or path.name
 
 
-def output_paths(cfg: DictConfig, kind: str, label: str, model_name: str) -> tuple[Path, list[Path]]:
-    """(results JSON, every file the run would write), refused up front if any exists and overwrite is off."""
+def output_path(cfg: DictConfig, kind: str, label: str, model_name: str) -> Path:
+    """The results JSON; refused up front if it, or any file the run writes beside it, exists (overwrite off)."""
     if cfg.get("output_path"):
         out = Path(cfg.output_path)
     else:
@@ -61,7 +61,7 @@ def output_paths(cfg: DictConfig, kind: str, label: str, model_name: str) -> tup
             f"{', '.join(existing)} already exist(s); pass overwrite=true to replace, or output_path=ANOTHER.json "
             "(nothing was evaluated)"
         )
-    return out, files
+    return out
 
 
 def _check(cfg: DictConfig) -> tuple[str, DictConfig | None]:
@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(int(cfg.seed))
     model_name = cfg.get("model_name") or model_label(cfg.model_path, cfg.paths.runs_dir)
     label = suite.name if suite else "tasks"
-    out_path, _ = output_paths(cfg, kind, label, model_name)
+    out_path = output_path(cfg, kind, label, model_name)
     result: dict[str, Any] = {"model_path": str(cfg.model_path), "model_name": model_name, "suite": label, "kind": kind}
     table = None
 
