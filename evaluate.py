@@ -13,4 +13,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+
+    from danube.entry import preflight
+
+    preflight("evaluate", Path(__file__).parent / "conf")  # another script's experiment; --help's group list
     main()

@@ -84,6 +84,22 @@ def text_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])
 
 
+def add_write_flags(parser) -> None:
+    """``--write`` / ``--no-write``: full runs update BENCHMARKS.md, ``--quick`` ones only print.
+
+    A quick run is a smoke check (fewer settings, fewer repeats): its figures are not the
+    ones to publish, so it leaves the tracked BENCHMARKS.md alone unless asked.
+    """
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help="update BENCHMARKS.md (the default, except with --quick)")
+    group.add_argument("--no-write", action="store_true", help="only print the table")
+
+
+def should_write(args) -> bool:
+    """What :func:`add_write_flags` means for these parsed arguments."""
+    return bool(args.write) or not (args.no_write or getattr(args, "quick", False))
+
+
 def publish(name: str, title: str, header: list[str], rows: list[list[object]], note: str, write: bool = True) -> None:
     """Print the table; unless ``write`` is false, also make it section ``name`` of BENCHMARKS.md
     (the Markdown table followed by ``note``, which says what the figures are)."""

@@ -8,7 +8,7 @@ process is one rank: the loader is the training loader of ``train.py``
 ``seq_len + 1`` tokens.
 
     python bench/data_loading.py                  # seq 2048, batch 8, workers 0/1/2, one and two sources
-    python bench/data_loading.py --quick          # fewer settings, < 1 minute
+    python bench/data_loading.py --quick          # fewer settings, < 1 minute (prints only)
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batches", type=int, default=None, help="stop a pass after this many batches")
     parser.add_argument("--quick", action="store_true", help="workers 0 and 1, one source, 2 repeats")
-    parser.add_argument("--no-write", action="store_true")
+    benchlib.add_write_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.quick:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "the end of a pass over the shards; *incl. start*: from building the loader (worker start-up "
             f"included). Median of {args.repeats} passes.\n")
     benchlib.publish("data_loading_quick" if args.quick else "data_loading", "Data loading", header, rows, note,
-                     write=not args.no_write)
+                     write=benchlib.should_write(args))
     print(f"tokens_per_sec={best:.0f}")
     return 0
 

@@ -8,7 +8,7 @@ produce exactly ``max_new_tokens`` per prompt; the table says whether the tokens
 Calls alternate between the two; medians are shown.
 
     python bench/generation.py             # tiny and small_100m, batch 1 and 4, 64 new tokens
-    python bench/generation.py --quick     # tiny only, < 1 minute
+    python bench/generation.py --quick     # tiny only, < 1 minute (prints only)
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny only, batch 1 and 4, 32 new tokens, 3 repeats")
-    parser.add_argument("--no-write", action="store_true")
+    benchlib.add_write_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if args.quick:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     note = ("Randomly initialised fp32 models, greedy, KV cache, "
             f"prompts of 48-80 tokens (left-padded in a batch). Median of {args.repeats} calls per side.\n")
     benchlib.publish("generation_quick" if args.quick else "generation", "Generation", header, rows, note,
-                     write=not args.no_write)
+                     write=benchlib.should_write(args))
     print(f"ratio_vs_hf={benchlib.median(ratios):.3f}")
     return 0
 

@@ -7,7 +7,7 @@ SentencePiece model. MB/s counts input bytes over the whole call (planning, toke
 writing shards and manifest).
 
     python bench/prepare.py                 # 4 copies (~21 MB), 1 and 2 workers, jsonl and txt
-    python bench/prepare.py --quick         # 1 copy, jsonl, < 1 minute
+    python bench/prepare.py --quick         # 1 copy, jsonl, < 1 minute (prints only)
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", nargs="+", default=["jsonl", "txt"], choices=["jsonl", "txt"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 copy, jsonl, 2 repeats")
-    parser.add_argument("--no-write", action="store_true")
+    benchlib.add_write_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if args.quick:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     note = (f"Input: the embedded sample corpus x{args.copies}, "
             f"4,096-piece SentencePiece tokenizer. Median of {args.repeats} runs of the whole `prepare` call.\n")
     benchlib.publish("prepare_quick" if args.quick else "prepare", "Preparing shards", header, rows, note,
-                     write=not args.no_write)
+                     write=benchlib.should_write(args))
     print(f"mb_per_sec={best:.2f}")
     return 0
 

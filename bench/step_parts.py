@@ -12,7 +12,7 @@
 Variants of one part alternate within each round; the table shows medians.
 
     python bench/step_parts.py            # writes its section of BENCHMARKS.md
-    python bench/step_parts.py --quick    # smaller shapes, fewer rounds
+    python bench/step_parts.py --quick    # smaller shapes, fewer rounds (prints only)
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-write", action="store_true")
+    benchlib.add_write_flags(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 3
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     note = (f"fp32, CPU. Median of {args.rounds} rounds; "
             "*vs first*: the first variant's time over this one's (> 1: faster).\n")
     benchlib.publish("step_parts_quick" if args.quick else "step_parts", "Parts of the training step", header, rows,
-                     note, write=not args.no_write)
+                     note, write=benchlib.should_write(args))
     return 0
 
 

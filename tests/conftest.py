@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,52 @@ from danube.model import DanubeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+
+# What a session may leave in the checkout: caches and the environment it runs in.
+_OWN = {".git", ".venv", "__pycache__", ".pytest_cache", ".ci"}
+
+
+def files_written_since(root: Path, since: float) -> list[str]:
+    """Files under ``root`` created or modified after ``since`` (caches and virtualenvs left out)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _OWN and not d.endswith(".egg-info")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            try:
+                if path.lstat().st_mtime >= since:
+                    out.append(str(path.relative_to(root)))
+            except FileNotFoundError:  # removed while we looked
+                continue
+    return sorted(out)
+
+
+def pytest_configure(config):
+    # Every command the tests run (in-process or shelled out) resolves paths.root_dir from
+    # DANUBE_HOME: point it at a scratch directory, so nothing lands in the checkout's
+    # runs/ or data/ (a user's own DANUBE_HOME is not touched either).
+    config._danube_home = tempfile.mkdtemp(prefix="danube-tests-")
+    os.environ["DANUBE_HOME"] = config._danube_home
+    config._danube_started = time.time() - 1  # mtime granularity
+
+
+def pytest_unconfigure(config):
+    home = getattr(config, "_danube_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if it wrote into the checkout: the suite must leave `git status` as it found it."""
+    written = files_written_since(REPO, session.config._danube_started)
+    if written:
+        shown = "\n  ".join(written[:20]) + ("\n  ..." if len(written) > 20 else "")
+        session.config.get_terminal_writer().line(
+            f"\nthe test session wrote {len(written)} file(s) into the checkout {REPO} (tests must write under "
+            f"tmp_path or $DANUBE_HOME; if you edited files while the tests ran, run them again):\n  {shown}",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):

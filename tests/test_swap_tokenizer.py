@@ -91,7 +91,7 @@ def test_errors_name_what_is_wrong_and_leave_outputs_alone(old_model_dir, code_t
                                                            monkeypatch):
     with pytest.raises(FileNotFoundError, match="tokenizer not found: .*nope.model"):
         swap_tokenizer(old_model_dir, tmp_path / "nope.model", tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="is not a danube model directory"):
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
         swap_tokenizer(tmp_path, code_tokenizer, tmp_path / "out")
     (old_model_dir / "tokenizer.model").rename(tmp_path / "moved.model")
     with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):

@@ -61,12 +61,17 @@ def load_adapter(adapter_dir: str | Path, base: str | Path | None = None, device
     """The base model (from ``base`` or the adapter's ``base_model_name_or_path``) with the adapter on it."""
     import peft
 
-    from danube.model.io import load_pretrained
+    from danube.model.io import find_under, load_pretrained
 
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: no such directory")
     if not config_file.is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a LoRA adapter directory: adapter_config.json is missing")
+        inside = find_under(adapter_dir, lambda d: (d / "adapter_config.json").is_file())
+        where = f"; the adapter directories in it: {', '.join(map(str, inside))}" if inside else ""
+        raise FileNotFoundError(
+            f"{adapter_dir} is not a LoRA adapter directory: adapter_config.json is missing{where}")
     if base is None:
         base = json.loads(config_file.read_text()).get("base_model_name_or_path")
         if not base:

@@ -22,7 +22,7 @@ from danube.data.tokenizer import Tokenizer
 from danube.files import check_output_dir
 from danube.model import DanubeConfig, build_model
 from danube.model.io import (
-    is_model_dir,
+    check_model_dir,
     load_model_dir,
     load_weights,
     read_config,
@@ -87,8 +87,7 @@ def swap_tokenizer(
         FileExistsError: ``out_dir`` is ``model_dir``, or exists and ``overwrite`` is false.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not is_model_dir(model_dir):
-        raise FileNotFoundError(f"{model_dir} is not a danube model directory (config.yaml + model.safetensors)")
+    check_model_dir(model_dir, hf=False)
     old_tok_path = tokenizer_path(model_dir)
     if old_tok_path is None:
         raise FileNotFoundError(

@@ -80,3 +80,20 @@ def test_a_section_is_replaced_and_the_others_kept(tmp_path, monkeypatch):
     assert "| 2 |" in text and "| 1 |" not in text and "second" in text
     assert text.count("<!-- bench:a -->") == 1 and text.index("bench:a") < text.index("bench:b")
     assert "- machine: " in text and "torch " + torch.__version__ in text
+
+
+def test_quick_runs_print_only_unless_asked_to_write(monkeypatch):
+    """BENCHMARKS.md is tracked: a --quick smoke run must not rewrite it (nor any run given --no-write)."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import benchlib
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    benchlib.add_write_flags(parser)
+    decide = lambda *argv: benchlib.should_write(parser.parse_args(list(argv)))  # noqa: E731
+    assert decide() and decide("--write") and decide("--quick", "--write")
+    assert not decide("--quick") and not decide("--no-write") and not decide("--quick", "--no-write")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--write", "--no-write"])

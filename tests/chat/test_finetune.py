@@ -42,6 +42,20 @@ def test_sft_lowers_the_answer_loss(tiny_model_dir, chat_files, tmp_path):
     assert (result.run_dir / "config.yaml").is_file() and "train/loss" in result.metrics
 
 
+def test_progress_bar_counts_optimizer_steps(tiny_model_dir, chat_files, tmp_path, monkeypatch):
+    """4 micro-batches per step, 3 steps: the bar ends at 3/3 (it showed micro-batches against steps)."""
+    from danube.callbacks import StageProgressBar
+
+    ends = []
+    monkeypatch.setattr(StageProgressBar, "on_train_end", lambda self, trainer, module: ends.append(
+        (self.train_progress_bar.n, self.train_progress_bar.total, trainer.global_step, self.description)))
+    run(compose_finetune(CPU + [
+        f"model_dir={tiny_model_dir}", "chat_data=messages", f"chat_data.sources.messages.path={chat_files['messages']}",
+        f"run_dir={tmp_path / 'sft'}", "train.batch_size=4", "train.micro_batch_size=1", "train.max_steps=3",
+    ]))
+    assert ends == [(3, 3, 3, "sft steps")]
+
+
 def pair_accuracy(policy_dir, reference_dir, pairs_file, tok) -> float:
     items, _ = tokenize_pairs(tok, read_pairs(pairs_file, "distilabel_math"), 256)
     batch = collate_pairs(items, tok.pad_id)

@@ -92,3 +92,53 @@ def tiny_module_args():
     optim = dict(lr=1e-2, min_lr=1e-3, warmup_tokens=1000, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1,
                  grad_clip=1.0, fused="auto")
     return dict(model=model, optim=optim, total_tokens=100_000, seq_len=16)
+
+
+def _fit(tmp_path, module_args, max_steps, accumulate=1, version="s1", **extra):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    module = PretrainModule(**{**module_args, **extra})
+    g = torch.Generator().manual_seed(0)
+    data = [{"tokens": torch.randint(0, 97, (2, 17), generator=g)} for _ in range(max_steps * accumulate)]
+    trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=accumulate, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        logger=TensorBoardLogger(str(tmp_path / "tensorboard"), name="", version=version,
+                                                 default_hp_metric=False),
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    return module
+
+
+def test_a_stage_shorter_than_the_logging_interval_logs_its_start_first_and_last_step(tmp_path, tiny_module_args):
+    from danube.plot import read_scalars
+
+    module = _fit(tmp_path, tiny_module_args, max_steps=3, accumulate=2, log_every_n_steps=10)
+    per_step = 2 * 2 * 16  # two micro-batches of 2 x 16 predicted tokens
+    assert module.tokens_seen == 3 * per_step
+    scalars = read_scalars(tmp_path)
+    assert [x for x, _ in scalars["train/loss"]] == [per_step, 3 * per_step]  # step 1 and the last step
+    # the sequence length from the stage's first token (where a stage boundary is drawn) to its last
+    assert scalars["train/seq_len"] == [(0, 16.0), (per_step, 16.0), (3 * per_step, 16.0)]
+    assert [x for x, _ in scalars["train/lr"]] == [0, per_step, 3 * per_step]
+
+
+def test_mfu_above_the_ceiling_is_logged_as_measured_and_said_once(tmp_path, tiny_module_args, caplog):
+    import logging
+
+    from danube.plot import read_scalars
+
+    with caplog.at_level(logging.WARNING, logger="danube.lit.pretrain"):
+        _fit(tmp_path, tiny_module_args, max_steps=6, log_every_n_steps=1, peak_flops=1.0)  # 1 FLOP/s: exceeded
+    warnings = [r.getMessage() for r in caplog.records if "perf/mfu" in r.getMessage()]
+    assert len(warnings) == 1 and "perf.peak_flops" in warnings[0]
+    assert all(v > 1 for _, v in read_scalars(tmp_path)["perf/mfu"])
+
+
+def test_measured_cpu_ceiling_is_measured_once_per_shape():
+    from danube.tasks.common import measured_matmul_flops
+
+    first = measured_matmul_flops(64, 96)
+    assert 0 < first < float("inf")
+    assert measured_matmul_flops(64, 96) == first  # cached: every stage of a run uses the same ceiling
+    assert measured_matmul_flops.cache_info().hits >= 1

@@ -141,5 +141,5 @@ def test_load_pretrained_reads_both_formats(micro_cfg, tmp_path):
     with torch.no_grad():
         for path in ("native", "hf"):
             torch.testing.assert_close(load_pretrained(tmp_path / path).eval()(ids), model(ids))
-    with pytest.raises(FileNotFoundError, match="neither a danube model directory"):
+    with pytest.raises(FileNotFoundError, match="not a model directory; the model directories in it: .*native"):
         load_pretrained(tmp_path)

@@ -38,8 +38,10 @@ def test_two_stages_run_back_to_back(two_stage_run):
     stage2 = torch.load(run_dir / "seq128" / "final.ckpt", map_location="cpu", weights_only=False)
     assert stage2["danube"]["tokens_seen"] == 65536 and stage2["danube"]["seq_len"] == 128
     scalars = read_scalars(run_dir)
-    seq = dict(scalars["train/seq_len"])
-    assert {v for t, v in seq.items() if t <= 40960} == {64.0} and {v for t, v in seq.items() if t > 40960} == {128.0}
+    seq = scalars["train/seq_len"]
+    assert {v for t, v in seq if t < 40960} == {64.0} and {v for t, v in seq if t > 40960} == {128.0}
+    # the step is at the boundary: the first stage's last step, then the second stage's first token
+    assert [v for t, v in seq if t == 40960] == [64.0, 128.0]
     # the second stage continued the schedule where the first left it
     for tokens, value in scalars["train/lr"]:
         assert value == pytest.approx(lr_at(tokens, lr=1e-2, min_lr=1e-3, warmup_tokens=8192, total_tokens=65536))

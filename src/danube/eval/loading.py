@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from danube.model import Danube
-from danube.model.io import CONFIG_FILE, TOKENIZER_FILE, load_pretrained
+from danube.model.io import CONFIG_FILE, TOKENIZER_FILE, check_model_dir, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def load_for_eval(
         raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_model_dir(model_path)  # a run directory or a typo: say so, not "no tokenizer" / "repo id"
     tok = TextTokenizer(tokenizer or model_path)
     model = load_pretrained(model_path, device=device, dtype=DTYPES[dtype]).eval()
     if tok.vocab_size > model.cfg.vocab_size:

@@ -16,8 +16,8 @@ from typing import Any, Iterable
 log = logging.getLogger(__name__)
 
 
-class DatasetUnavailableError(RuntimeError):
-    """A task's dataset is neither in the local cache nor in local files."""
+class DatasetUnavailableError(OSError):
+    """Datasets of the chosen tasks are neither in the local cache nor in local files."""
 
 
 @dataclass(frozen=True)
@@ -71,24 +71,45 @@ def _dataset_of(task_manager, name: str) -> str:
 
 
 def check_available(task_manager, tasks: Iterable[str]) -> None:
-    """Load each task (its dataset included) now; raise a clear error for the first that fails."""
+    """Load every task (its dataset included) now, before any model work; one error names all that fail.
+
+    An unknown task name fails first (``ValueError``); then every task whose dataset is
+    neither cached nor in local files is listed in one :class:`DatasetUnavailableError`,
+    with the two ways to supply it.
+    """
+    tasks = list(dict.fromkeys(tasks))
+    unknown = [name for name in tasks if name not in task_manager.all_tasks]
+    if unknown:
+        raise ValueError(
+            f"unknown lm-eval task(s) {unknown}: not built-in tasks and not in include_path "
+            f"({task_manager.include_path or 'none given'})"
+        )
+    missing: dict[str, str] = {}
     for name in tasks:
-        if name not in task_manager.all_tasks:
-            raise ValueError(
-                f"unknown lm-eval task {name!r}: not a built-in task and not in include_path "
-                f"({task_manager.include_path or 'none given'})"
-            )
         try:
             task_manager.load([name])
         except OSError as err:  # ConnectionError (offline), FileNotFoundError (missing files)
-            raise DatasetUnavailableError(
-                f"task {name!r} needs dataset {_dataset_of(task_manager, name)}, which is not available "
-                f"offline ({type(err).__name__}: {err}). Supply it either (a) in the Hugging Face cache: "
-                "run once with network access and `offline=false`, keeping HF_DATASETS_CACHE/HF_HOME, then "
-                "offline with the same cache dir; or (b) as local files: write a task YAML with "
-                "`dataset_path: json` and `dataset_kwargs: {data_files: {test: FILE}}` into a folder, and run "
-                f"with include_path=FOLDER task_map={{{name}: YOUR_TASK}}"
-            ) from err
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            missing[name] = f"{_dataset_of(task_manager, name)} ({type(err).__name__}: {reason})"
+            log.debug("task %s could not load its dataset", name, exc_info=True)
+    if missing:
+        listed = "\n".join(f"  {name}: {why}" for name, why in missing.items())
+        raise DatasetUnavailableError(
+            f"{len(missing)} of {len(tasks)} task(s) need datasets that are not available offline:\n{listed}\n"
+            "Supply them either (a) in the Hugging Face cache: run once with network access and `offline=false`, "
+            "keeping HF_DATASETS_CACHE/HF_HOME, then offline with the same cache dir; or (b) as local files: write a "
+            "task YAML with `dataset_path: json` and `dataset_kwargs: {data_files: {test: FILE}}` into a folder, and "
+            f"run with include_path=FOLDER task_map={{{next(iter(missing))}: YOUR_TASK, ...}}"
+        )
+
+
+def task_manager(tasks: Iterable[str], include_path: str | None = None):
+    """lm-eval's task index with ``include_path``, every task of ``tasks`` checked loadable (datasets too)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path)
+    check_available(manager, tasks)
+    return manager
 
 
 def run_tasks(
@@ -98,26 +119,33 @@ def run_tasks(
     limit: float | None = None,
     seed: int = 1234,
     log_samples: bool = False,
+    manager=None,
+    bootstrap_iters: int = 100_000,
 ) -> dict[str, Any]:
     """Evaluate ``tasks`` with one model instance; one ``simple_evaluate`` per shot count.
 
-    Returns lm-eval's ``results`` / ``n-shot`` / ``configs`` / ``versions`` merged over the
-    calls, plus ``scores``: ``{column or task: value}`` of each entry's metric, in percent.
+    ``manager`` is a :func:`task_manager` made (and checked) before the model was loaded;
+    without one it is made here. ``bootstrap_iters`` is lm-eval's: standard errors in
+    closed form for means (acc, exact_match), by bootstrap for the others; 0 gives none.
+
+    Returns lm-eval's ``results`` / ``n-shot`` / ``configs`` / ``versions`` /
+    ``higher_is_better`` merged over the calls, plus ``scores``: ``{column or task: value}``
+    of each entry's metric, in percent.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
-    check_available(manager, [t.task for t in tasks])
+    if manager is None:
+        manager = task_manager([t.task for t in tasks], include_path)
     by_shots: dict[int | None, list[SuiteTask]] = defaultdict(list)
     for t in tasks:
         by_shots[t.num_fewshot].append(t)
-    merged: dict[str, Any] = {"results": {}, "n-shot": {}, "configs": {}, "versions": {}, "samples": {}}
+    merged: dict[str, Any] = {"results": {}, "n-shot": {}, "configs": {}, "versions": {}, "higher_is_better": {},
+                              "samples": {}}
     for shots, group in by_shots.items():
         log.info("lm-eval: %s with num_fewshot=%s", [t.task for t in group], shots)
         out = simple_evaluate(
             model=lm, tasks=[t.task for t in group], num_fewshot=shots, limit=limit, task_manager=manager,
-            bootstrap_iters=0, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+            bootstrap_iters=int(bootstrap_iters), log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed,
         )
         for key in merged:
@@ -134,3 +162,10 @@ def run_tasks(
     if not log_samples:
         merged.pop("samples")
     return merged
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """lm-eval's own Markdown table of every task and metric, standard errors included (what ``lm_eval`` prints)."""
+    from lm_eval.utils import make_table
+
+    return make_table({k: results.get(k) or {} for k in ("results", "versions", "n-shot", "higher_is_better")})

@@ -140,6 +140,7 @@ class PretrainModule(L.LightningModule):
         self._last_log: tuple[float, int] | None = None
         self.last_val_tokens: int | None = None  # tokens seen at the last logged validation
         self.last_train_loss: float | None = None  # the last logged train/loss
+        self._warned_ceiling = False
 
     # -- model ---------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -198,7 +199,9 @@ class PretrainModule(L.LightningModule):
         # (danube.callbacks.StepBoundary, after the optimizer step): a run killed right
         # after that checkpoint has already logged the step it resumes after.
         step = self.global_step + 1  # the step being taken
-        if step % self.hparams.log_every_n_steps == 0:
+        # Every stage logs its first and last step besides every n-th, so a stage shorter than
+        # the interval still has its points and each curve reaches the stage's end.
+        if step % self.hparams.log_every_n_steps == 0 or step == 1 or step == self.trainer.max_steps:
             self._log_train_metrics(step)
 
     # -- steps ---------------------------------------------------------------------------
@@ -214,6 +217,14 @@ class PretrainModule(L.LightningModule):
             counts = counts * (tokens.shape[1] - 1)
             self._source_tokens = counts if self._source_tokens is None else self._source_tokens + counts
         return loss
+
+    def on_train_start(self) -> None:
+        # A point at the stage's first token, so that the sequence-length step is drawn at the
+        # boundary (the previous stage logged its last step at the same x), not at this
+        # stage's first logging step.
+        if self.logger is not None and self.global_step == 0:
+            self.logger.log_metrics({"train/seq_len": float(self.hparams.seq_len), "train/lr": self.lr_now()},
+                                    step=self.tokens_seen)
 
     def _log_train_metrics(self, step: int) -> None:
         """Reduce across ranks and write one point per metric at x = tokens seen."""
@@ -241,6 +252,7 @@ class PretrainModule(L.LightningModule):
                 if self.hparams.peak_flops:
                     flops = self.config.flops_per_token(self.hparams.seq_len) * tps / self.trainer.world_size
                     metrics["perf/mfu"] = flops / self.hparams.peak_flops
+                    self._warn_above_ceiling(flops)
         self._last_log = (now, self.tokens_seen)
         self._loss_sum, self._loss_count = None, 0
         self.last_train_loss = metrics["train/loss"]
@@ -249,6 +261,18 @@ class PretrainModule(L.LightningModule):
         # The console bar shows these at the logging interval: no host sync per micro-batch.
         self.log("train/loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
         self.log("train/lr", metrics["train/lr"], prog_bar=True, logger=False, rank_zero_only=True)
+
+    def _warn_above_ceiling(self, flops: float) -> None:
+        """MFU above 1 is logged as measured, never silently: the ceiling, not the step, is wrong."""
+        if flops <= self.hparams.peak_flops or self._warned_ceiling:
+            return
+        self._warned_ceiling = True
+        log.warning(
+            "perf/mfu=%.2f: the step reached %.1f GFLOP/s, above the peak of %.1f GFLOP/s it is measured against "
+            "(perf.peak_flops, or on CPU a matmul of the model's shapes timed at start while the machine may have "
+            "been busier); MFU here reads high. Set perf.peak_flops=FLOP/s for a fixed ceiling.",
+            flops / self.hparams.peak_flops, flops / 1e9, self.hparams.peak_flops / 1e9,
+        )
 
     def _flush_source_tokens(self) -> None:
         """Add this interval's per-source tokens, summed over ranks, to the running totals (collective)."""

@@ -31,6 +31,27 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
+def check_backend_available(requested: str, device_type: str, key: str = "model.attn_backend") -> None:
+    """Fail at start, before any work, when the requested kernel cannot run here (not at the first forward).
+
+    ``device_type`` is where the model will run (``cpu``, ``cuda``/``gpu``).
+    """
+    if requested != "flash":
+        return
+    missing = []
+    if device_type not in ("cuda", "gpu"):
+        missing.append(f"a CUDA device (this run is on {device_type})")
+    elif not torch.cuda.is_available():
+        missing.append("a CUDA device (none is visible)")
+    if importlib.util.find_spec("flash_attn") is None:
+        missing.append("the flash-attn package (pip install -e '.[gpu]' on a CUDA machine)")
+    if missing:
+        raise MissingHardware(
+            f"{key}=flash needs {' and '.join(missing)}; use {key}=auto (flash-attn where installed, else "
+            f"FlexAttention on CUDA, SDPA on CPU) or {key}=sdpa"
+        )
+
+
 def resolve_backend(requested: str, device: torch.device, *, has_segments: bool, has_cache: bool) -> str:
     """Pick the kernel: the fastest available unless ``requested`` names one."""
     if requested == "auto":

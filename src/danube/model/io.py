@@ -152,7 +152,7 @@ def load_model_dir(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
 ) -> Danube:
     """Load a native model directory; ``overrides`` replace config fields (e.g. ``attn_backend``)."""
-    path = Path(path)
+    path = check_model_dir(path, hf=False)
     cfg = read_config(path)
     if overrides:
         cfg = DanubeConfig.from_dict({**cfg.to_dict(), **overrides})
@@ -179,6 +179,84 @@ def read_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[s
 
 def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face checkpoint directory: ``config.json`` and weights (safetensors, sharded or not, or .bin)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(
+        path.glob(pattern) for pattern in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin"))
+
+
+# Folders of a run directory that never hold a model (skipped when looking for one).
+_NOT_MODELS = {"checkpoints", "tensorboard", "eval"}
+
+
+def find_under(path: str | Path, is_target, max_depth: int = 3) -> list[Path]:
+    """Directories below ``path`` (at most ``max_depth`` levels) for which ``is_target`` holds, oldest first.
+
+    A run directory holds its models a level or two down (``<stage>/model``, ``model``,
+    ``hf``, ``adapter``); a multirun one more. Hidden folders (``.hydra``, temporary
+    siblings of atomic writes) and checkpoint/TensorBoard folders are not searched. Oldest
+    first: a pretraining run's last stage, the model it ends with, comes last.
+    """
+    found, level = [], [Path(path)]
+    for _ in range(max_depth):
+        below = []
+        for d in level:
+            try:
+                children = sorted(c for c in d.iterdir() if c.is_dir())
+            except OSError:
+                continue
+            for c in children:
+                if c.name.startswith(".") or c.name in _NOT_MODELS:
+                    continue
+                (found if is_target(c) else below).append(c)
+        level = below
+    return sorted(found, key=lambda d: d.stat().st_mtime)
+
+
+def check_model_dir(path: str | Path, what: str = "", hf: bool = True) -> Path:
+    """``path`` if it is a danube model directory (or, with ``hf``, a Hugging Face one); else a clear error.
+
+    The error says what ``path`` is instead: missing, a file, or a run directory, naming
+    the model directories inside it (``runs/tiny`` -> ``runs/tiny/seq256/model``).
+    ``what`` names the option it came from (``model_path``) for the message.
+    """
+    path = Path(path)
+    if is_model_dir(path) or (hf and is_hf_dir(path)):
+        return path
+    name = f"{what}={path}" if what else str(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: no such directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{name} is a file; give a model directory (config.yaml + {WEIGHTS_FILE})")
+    models = find_under(path, lambda d: is_model_dir(d) or (hf and is_hf_dir(d)))
+    finetune = (path / "metrics.json").is_file() or (path / "adapter").is_dir()
+    kind = "a fine-tuning run directory" if finetune else "a run directory"
+    if models:
+        listed = ", ".join(str(m) for m in models)
+        last = " (the last one written is the run's final model)" if len(models) > 1 else ""
+        raise FileNotFoundError(f"{name} is {kind}, not a model directory; the model directories in it: {listed}{last}")
+    if _is_run_dir(path):
+        raise FileNotFoundError(f"{name} is {kind} without a model directory yet: a stage (or a fine-tuning run) "
+                                "writes its `model` directory when it completes")
+    if (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{name}: {WEIGHTS_FILE} is missing beside {CONFIG_FILE}")
+    wanted = f"{CONFIG_FILE} + {WEIGHTS_FILE} (danube)" + (" or config.json + weights (Hugging Face)" if hf else "")
+    raise FileNotFoundError(f"{name} is not a model directory: it has no {wanted}, and none is inside it")
+
+
+def _is_run_dir(path: Path) -> bool:
+    """What train.py / finetune.py leave: TensorBoard logs, or a config.yaml of the whole run."""
+    if (path / "tensorboard").is_dir():
+        return True
+    try:
+        with open(path / CONFIG_FILE) as f:
+            values = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(values, dict) and bool({"recipe", "train", "model_dir"} & set(values))
 
 
 def tokenizer_path(path: str | Path) -> Path | None:
@@ -223,14 +301,9 @@ def load_pretrained(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
 ) -> Danube:
     """Load a danube model directory or a Hugging Face Llama/Mistral directory."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    path = check_model_dir(path)
+    if is_model_dir(path):
         return load_model_dir(path, device, dtype, **overrides)
-    if (path / "config.json").is_file():
-        from danube.hf import from_hf
+    from danube.hf import from_hf
 
-        return from_hf(path, dtype=dtype, **overrides).to(device)
-    raise FileNotFoundError(
-        f"{path} is neither a danube model directory (config.yaml + model.safetensors) "
-        "nor a Hugging Face checkpoint directory (config.json)"
-    )
+    return from_hf(path, dtype=dtype, **overrides).to(device)

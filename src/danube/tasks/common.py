@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,19 +88,35 @@ def peak_flops(cfg: DictConfig) -> float | None:
     if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    return measured_matmul_flops()
+    # The model's own large products (MLP, lm_head): what its step could reach at best.
+    c = int(cfg.model.n_embd)
+    return max(measured_matmul_flops(c, int(n)) for n in (cfg.model.intermediate_size, cfg.model.vocab_size))
 
 
-def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """fp32 matmul throughput of this CPU: the ceiling MFU is measured against on CPU."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(k: int = 1024, n: int = 1024, m: int | None = None, repeats: int = 9) -> float:
+    """fp32 FLOP/s of ``(m, k) @ (k, n)`` on this CPU: the ceiling MFU is measured against on CPU.
+
+    Measured once per process and shape (cached, so every stage of a run uses the same
+    ceiling): warm-up until the thread pool and caches have settled (3 products and at
+    least 0.2 s), then the median of ``repeats`` timed products, which one slow product
+    does not move. ``m`` (rows, i.e. tokens) defaults to what makes one product ~2 GFLOP,
+    within [256, 4096]. Timing a single 1024^3 product per stage swung with the load and
+    put CPU MFU above 1.
+    """
+    if m is None:
+        m = max(256, min(4096, int(1e9 // (k * n))))
+    a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+    start, warm = time.perf_counter(), 0
+    while warm < 3 or time.perf_counter() - start < 0.2:
+        torch.mm(a, b, out=out)
+        warm += 1
+    times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times)
 
 
 def trainer_strategy(trainer_cfg: DictConfig):

@@ -1,7 +1,11 @@
 """``python evaluate.py``: lm-eval tasks and the report's suites, perplexity, MT-Bench answers.
 
-Writes ``output_path`` (results JSON) and, for suites with a table, a Markdown table
-beside it (same name, ``.md``).
+Writes ``output_path`` (results JSON) and a Markdown table beside it (same name, ``.md``):
+for lm-eval tasks lm-eval's own table (every metric with its standard error), after the
+report's layout for suites that have one. The table is also logged. The default
+``output_path`` is named after the model path (``runs/tiny/seq256/model`` ->
+``runs/eval/tiny-seq256-tasks.json``); existing results are never replaced without
+``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -25,15 +29,50 @@ def _size(model) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
+def model_label(model_path: str | Path, runs_dir: str | Path) -> str:
+    """A readable name that tells models apart although every model directory is called ``model``.
+
+    Under the runs directory it is the path below it (``runs/tiny/seq256/model`` ->
+    ``tiny-seq256``, ``runs/danube_chat_sft/hf`` -> ``danube_chat_sft-hf``); elsewhere the
+    directory's name, or its parent's when the directory is called ``model``.
+    """
+    path, runs = Path(model_path).resolve(), Path(runs_dir).resolve()
+    try:
+        parts = list(path.relative_to(runs).parts)
+    except ValueError:
+        parts = list(path.parts[-2:]) if path.name == "model" else [path.name]
+    if len(parts) > 1 and parts[-1] == "model":
+        parts = parts[:-1]
+    return "-".join(parts) or path.name
+
+
+def output_path(cfg: DictConfig, kind: str, label: str, model_name: str) -> Path:
+    """The results JSON; refused up front if it, or any file the run writes beside it, exists (overwrite off)."""
+    if cfg.get("output_path"):
+        out = Path(cfg.output_path)
+    else:
+        out = Path(cfg.paths.runs_dir) / "eval" / f"{model_label(cfg.model_path, cfg.paths.runs_dir)}-{label}.json"
+    files = [out, out.with_suffix(".md")]
+    if kind == "mt_bench":
+        files += [out.with_name(f"{model_name}.jsonl"), out.with_name(f"{model_name}-judgments.jsonl")]
+    existing = [str(f) for f in files if f.exists()]
+    if existing and not cfg.get("overwrite"):
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass overwrite=true to replace, or output_path=ANOTHER.json "
+            "(nothing was evaluated)"
+        )
+    return out
+
+
 def _check(cfg: DictConfig) -> tuple[str, DictConfig | None]:
     """Validate the config before any model is loaded."""
     suite = cfg.get("suite")
     kind = suite.get("kind", "lm_eval") if suite else "lm_eval"
     if kind not in KINDS:
         raise ValueError(f"suite.kind={kind!r}; choose one of {KINDS}")
-    model_path = Path(cfg.model_path)
-    if not model_path.is_dir():
-        raise FileNotFoundError(f"model_path={model_path}: not a directory")
+    from danube.model.io import check_model_dir
+
+    check_model_dir(cfg.model_path, "model_path")
     if kind == "lm_eval" and not suite and not cfg.get("tasks"):
         raise ValueError("give tasks=[task,...] or suite=danube_table1|open_llm_v1|perplexity|mt_bench")
     if suite and cfg.get("tasks"):
@@ -57,27 +96,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(int(cfg.seed))
-    model_name = cfg.get("model_name") or Path(cfg.model_path).resolve().name
+    model_name = cfg.get("model_name") or model_label(cfg.model_path, cfg.paths.runs_dir)
     label = suite.name if suite else "tasks"
-    out_path = Path(cfg.output_path) if cfg.get("output_path") else Path(cfg.paths.runs_dir) / "eval" / f"{model_name}-{label}.json"
+    out_path = output_path(cfg, kind, label, model_name)
     result: dict[str, Any] = {"model_path": str(cfg.model_path), "model_name": model_name, "suite": label, "kind": kind}
     table = None
 
     if kind == "lm_eval":
-        from danube.eval.lm_eval_adapter import DanubeLM
-        from danube.eval.suites import SuiteTask, parse_entries, run_tasks
+        from danube.eval.suites import SuiteTask, parse_entries, results_table, run_tasks, task_manager
 
         if suite:
             tasks = parse_entries(OmegaConf.to_container(suite.tasks), OmegaConf.to_container(cfg.task_map) if cfg.get("task_map") else None)
         else:
             names = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
             tasks = [SuiteTask(t, cfg.get("num_fewshot")) for t in names]
+        # Every dataset is checked before the model is loaded: a missing one costs seconds, not a load.
+        manager = task_manager([t.task for t in tasks], cfg.get("include_path"))
+        from danube.eval.lm_eval_adapter import DanubeLM
+
         lm = DanubeLM(
             str(cfg.model_path), tokenizer=cfg.get("tokenizer"), device=cfg.device, dtype=cfg.dtype,
             batch_size=cfg.batch_size, max_length=cfg.get("max_length"),
         )
-        out = run_tasks(lm, tasks, include_path=cfg.get("include_path"), limit=cfg.get("limit"), seed=int(cfg.seed))
+        out = run_tasks(lm, tasks, include_path=cfg.get("include_path"), limit=cfg.get("limit"), seed=int(cfg.seed),
+                        manager=manager, bootstrap_iters=int(cfg.get("bootstrap_iters", 100_000)))
         result.update(out)
+        table = results_table(out)
         if suite and suite.get("table"):
             from danube.eval.tables import benchmark_table
 
@@ -85,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             table = benchmark_table(
                 suite.table, out["scores"], model_name, size=cfg.get("model_size") or _size(lm.model),
                 tokens=cfg.get("model_tokens") or "", reference=reference,
-            )
+            ) + "\nEvery task and metric (lm-eval):\n\n" + table
     elif kind == "perplexity":
         from danube.eval.perplexity import perplexity
 
@@ -100,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("wrote %s", out_path)
     if table:
         atomic_write_text(out_path.with_suffix(".md"), table)
-        log.info("wrote %s\n%s", out_path.with_suffix(".md"), table)
+        log.info("%s\nwrote %s", table.rstrip("\n"), out_path.with_suffix(".md"))
     return result
 
 

@@ -34,9 +34,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from danube.callbacks import StageProgressBar
 from danube.data.tokenizer import Tokenizer
-from danube.model.io import load_pretrained, save_model_dir, tokenizer_path
 from danube import rundir
+from danube.model.io import check_model_dir, load_pretrained, save_model_dir, tokenizer_path
 from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, world_size
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,7 @@ def validate(cfg: DictConfig) -> dict[str, SourceData]:
         raise ValueError(f"loss.name={loss!r}; allowed: {', '.join(LOSSES)}")
     if cfg.get("model_dir") in (None, "???"):
         raise ValueError("model_dir=PATH is required: a danube model directory or a Hugging Face checkpoint directory")
-    model_dir = Path(cfg.model_dir)
-    if not ((model_dir / "config.yaml").is_file() or (model_dir / "config.json").is_file()):
-        raise FileNotFoundError(f"model_dir={model_dir}: not a danube model directory (config.yaml) nor a "
-                                "Hugging Face checkpoint (config.json)")
+    check_model_dir(cfg.model_dir, "model_dir")
     sources = _sources(cfg)
     if str(cfg.train.truncation) not in TRUNCATION:
         raise ValueError(f"train.truncation={cfg.train.truncation!r}; allowed: {', '.join(TRUNCATION)}")
@@ -416,6 +414,7 @@ def _run_locked(cfg: DictConfig, sources, tok: Tokenizer, ws: int, accumulate: i
     trainer = build_trainer(cfg, stage_dir=run_dir, logger_dir=run_dir / "tensorboard",
                             logger_version=cfg.loss.name, max_steps=len(plan), accumulate=accumulate,
                             val_check_interval=int(val_every or len(plan)) * accumulate,
+                            callbacks=[StageProgressBar(f"{cfg.loss.name} steps")],
                             purge_step=0 if restarted else None)
     num_workers, mbs = int(cfg.train.num_workers), int(cfg.train.micro_batch_size)
     data = (FinetuneDataWithValidation(items, plan, collate_fn, val_items, mbs, num_workers) if val_items

@@ -36,7 +36,8 @@ from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact,
 from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_write_text, remove_stale_temps
 from danube.model import DanubeConfig
-from danube.model.io import check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
+from danube.model.attention import check_backend_available
+from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
 from danube.schedule import StagePlan, check_weights, format_mixture, format_plan, plan_stages
 from danube.tasks.common import build_trainer, check_trainer_config, peak_flops, resolve_run_dir, world_size
 
@@ -161,6 +162,7 @@ def validate(cfg: DictConfig) -> list[StagePlan]:
     """Every check that can fail, before any data is read or any weight is built."""
     if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere; a run needs its hardware first
         check_trainer_config(cfg.trainer, cfg.precision)
+        check_backend_available(str(cfg.model.get("attn_backend", "auto")), str(cfg.trainer.accelerator))
     check_values(cfg)
     resume = str(cfg.resume)
     if resume not in RESUME_CHOICES and not Path(resume).is_file():
@@ -243,8 +245,7 @@ def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
     from danube.model import build_model
     from danube.model.io import WEIGHTS_FILE, CorruptFileError
 
-    if not is_model_dir(path):
-        raise FileNotFoundError(f"init_from={path}: not a danube model directory (config.yaml + model.safetensors)")
+    check_model_dir(path, "init_from", hf=False)
     if tokenizer_path(path) is None:
         raise FileNotFoundError(
             f"init_from={path} has no tokenizer.model: the run cannot check that its data uses the model's tokenizer"
