@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 from pathlib import Path
@@ -208,5 +207,39 @@ class StageProgressBar(TQDMProgressBar):
         return metrics
 
 
-def finite_or_none(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value
+class StepLines(Callback):
+    """What the progress bar shows, as one log line every ``every`` optimizer steps (and the first and last).
+
+    Used when the output is not a terminal (a file, a pipe, a CI log), where a bar's
+    ``\r`` redraws pile up into hundreds of KB of frames.
+    """
+
+    def __init__(self, description: str, every: int) -> None:
+        self.description, self.every = description, max(1, int(every))
+        self._step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._step:
+            return  # inside an accumulation
+        self._step = step
+        if step % self.every and step != 1 and step != trainer.max_steps:
+            return
+        shown = ", ".join(f"{k} {_short(float(v))}" for k, v in trainer.progress_bar_metrics.items() if k != "v_num")
+        log.info("%s: step %d/%d%s", self.description, step, trainer.max_steps, f", {shown}" if shown else "")
+
+
+def _short(value: float) -> str:
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def progress_callback(description: str, every: int) -> tuple[Callback, bool]:
+    """A bar on a terminal, log lines elsewhere; and whether Lightning's own bar is enabled."""
+    from danube.logs import console_is_terminal
+
+    if console_is_terminal():
+        return StageProgressBar(description), True
+    return StepLines(description, every), False

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
+
+from danube import logs
+from danube.errors import USER_ERRORS
 
 # name -> ("module:function", one-line help). Each function takes argv (list[str]) and
 # returns an exit code; it builds its own argparse parser with prog="danube NAME". Bad input
@@ -44,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"danube: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     module, func = COMMANDS[name][0].split(":")
     command = getattr(importlib.import_module(module), func)
+    logs.setup(verbose=bool(os.environ.get("DANUBE_VERBOSE")), stream=sys.stderr)  # after the imports: see logs.setup
     try:
         return int(command(rest) or 0)
-    except (ValueError, OSError) as err:
+    except USER_ERRORS as err:
         if os.environ.get("DANUBE_TRACEBACK"):
             raise
         print(f"danube {name}: error: {err}\n(set DANUBE_TRACEBACK=1 for the traceback)", file=sys.stderr)

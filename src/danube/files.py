@@ -62,10 +62,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir(mode=0o777 & ~_umask())
     try:
         yield tmp
+        honour_umask(tmp)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def honour_umask(directory: Path) -> None:
+    """Give everything under ``directory`` the permissions the umask allows (safetensors writes files ``0600``)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            file = Path(root) / name
+            if not file.is_symlink():
+                executable = file.stat().st_mode & 0o111
+                os.chmod(file, (0o666 | executable) & ~mask)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -86,6 +86,9 @@ def train_objective(cfg: DictConfig) -> float | None:
     from danube.callbacks import Interrupted
 
     job_dir = Path(HydraConfig.get().runtime.output_dir)
+    # What the report labels the job with (Hydra itself writes nothing: hydra.output_subdir is null).
+    atomic_write_text(job_dir / ".hydra" / "overrides.yaml",
+                      "".join(f"- {_yaml_scalar(o)}\n" for o in HydraConfig.get().overrides.task))
     try:
         result = run(cfg)
     except Interrupted as err:
@@ -104,6 +107,12 @@ def train_objective(cfg: DictConfig) -> float | None:
         "final_train_loss": _json_float(result.final_train_loss), "tokens_seen": result.tokens_seen,
     })
     return value
+
+
+def _yaml_scalar(text: str) -> str:
+    import yaml
+
+    return yaml.safe_dump(text, default_style="'").strip()
 
 
 def _json_float(value: float | None) -> float | str | None:

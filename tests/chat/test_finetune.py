@@ -44,8 +44,10 @@ def test_sft_lowers_the_answer_loss(tiny_model_dir, chat_files, tmp_path):
 
 def test_progress_bar_counts_optimizer_steps(tiny_model_dir, chat_files, tmp_path, monkeypatch):
     """4 micro-batches per step, 3 steps: the bar ends at 3/3 (it showed micro-batches against steps)."""
+    import danube.logs
     from danube.callbacks import StageProgressBar
 
+    monkeypatch.setattr(danube.logs, "console_is_terminal", lambda: True)  # the bar is for terminals
     ends = []
     monkeypatch.setattr(StageProgressBar, "on_train_end", lambda self, trainer, module: ends.append(
         (self.train_progress_bar.n, self.train_progress_bar.total, trainer.global_step, self.description)))

@@ -150,3 +150,37 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_root):
     assert (t1, v1) == (t2, v2) == (65536, 65536)
     assert train_b == pytest.approx(train_a, rel=1e-5, abs=1e-6)
     assert val_b == pytest.approx(val_a, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_console_says_each_thing_once_and_ends_with_a_summary(tmp_path, data_root):
+    """Output to a file: plain lines (no progress-bar frames), no library chatter, a summary, the log in the run dir.
+
+    Run under umask 027: every directory and file the run writes has exactly the permissions it allows.
+    """
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "train.py", *SMALL, f"paths.data_dir={data_root}", f"run_dir={run_dir}",
+         "recipe.stages=[{name: seq64, seq_len: 64, tokens: 12288}]"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: os.umask(0o027), timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "\r" not in text and "\x1b[" not in text
+    for noise in ("litlogger", "max_cache_size", "GPU available", "Seed set to", "weights_only", "LeafSpec",
+                  "IterableDataset", "Traceback"):
+        assert noise not in text, noise
+    lines = [line.split(" ", 1)[1] for line in out.stdout.splitlines() if line[:2].isdigit()]  # without the time
+    assert len(lines) == len(set(lines)), "a line appeared twice"
+    assert "seq64 (seq 64): step 3/3" in out.stdout
+    assert "train.py done in" in out.stdout and f"model:       {run_dir / 'seq64' / 'model'}" in out.stdout
+    (log_file,) = (run_dir / "logs").glob("0001-*.log")
+    assert "train.py done in" in log_file.read_text() and (run_dir / "history" / f"{log_file.stem}.yaml").is_file()
+    home = Path(os.environ.get("DANUBE_HOME", REPO))
+    assert not list(home.glob("runs/.hydra/*")) and not list(REPO.glob("*.log"))  # nothing outside the run dir
+    for path in [run_dir, *run_dir.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o750 if path.is_dir() else 0o640), (path, oct(mode))

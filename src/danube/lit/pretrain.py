@@ -261,6 +261,8 @@ class PretrainModule(L.LightningModule):
         # The console bar shows these at the logging interval: no host sync per micro-batch.
         self.log("train/loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
         self.log("train/lr", metrics["train/lr"], prog_bar=True, logger=False, rank_zero_only=True)
+        if "perf/tokens_per_sec" in metrics:
+            self.log("tokens/s", metrics["perf/tokens_per_sec"], prog_bar=True, logger=False, rank_zero_only=True)
 
     def _warn_above_ceiling(self, flops: float) -> None:
         """MFU above 1 is logged as measured, never silently: the ceiling, not the step, is wrong."""

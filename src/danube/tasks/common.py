@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from danube.checkpoints import AtomicCheckpointIO
-from danube.errors import MissingHardware
+from danube.errors import USER_ERRORS, MissingHardware
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +143,25 @@ def build_trainer(
     callbacks: list | None = None,
     limit_val_batches: int | float | None = None,
     purge_step: int | None = None,
+    progress: str | None = None,
 ) -> L.Trainer:
     """The Trainer of one stage (pretraining) or one fine-tuning run.
 
     Lightning's own checkpointing is off: pretraining writes its checkpoints at step
     boundaries (:class:`danube.callbacks.StepBoundary`), fine-tuning writes model
     directories. ``purge_step`` hides TensorBoard events at and after that step from an
-    earlier, killed attempt (a resumed run logs those steps again).
+    earlier, killed attempt (a resumed run logs those steps again). ``progress`` names the
+    progress display: a bar on a terminal, log lines otherwise.
     """
     from lightning.pytorch.loggers import TensorBoardLogger
+
+    from danube.callbacks import progress_callback
+
+    callbacks = list(callbacks or [])
+    bar = False
+    if progress is not None:
+        shown, bar = progress_callback(progress, int(cfg.train.get("log_every_n_steps", 10)))
+        callbacks.append(shown)
 
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -167,7 +178,8 @@ def build_trainer(
         num_sanity_val_steps=0,
         logger=TensorBoardLogger(save_dir=str(logger_dir), name="", version=logger_version, default_hp_metric=False,
                                  purge_step=purge_step),
-        callbacks=list(callbacks or []),
+        callbacks=callbacks,
+        enable_progress_bar=bar,
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -176,10 +188,6 @@ def build_trainer(
         deterministic=False,
         use_distributed_sampler=False,
     )
-
-
-# Errors a user can act on: a bad value, a missing or damaged file, a directory in use.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MissingHardware)
 
 
 def run_entry_point(script: str, task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -194,8 +202,10 @@ def run_entry_point(script: str, task: Callable[[DictConfig], Any], cfg: DictCon
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from danube import logs
     from danube.callbacks import Interrupted
 
+    logs.setup(verbose=bool(cfg.get("verbose", False)))
     try:
         return task(cfg)
     except SIGTERMException:  # Lightning's own SIGTERM stop (fine-tuning), a SystemExit with code 0
@@ -203,7 +213,8 @@ def run_entry_point(script: str, task: Callable[[DictConfig], Any], cfg: DictCon
                     "again to start it over", script)
         sys.exit(143)
     except Interrupted as err:
-        log.warning("%s: %s. Run the same command again to resume from it.", script, err)
+        log.warning("%s: %s. Run the same command again to resume from it:\n  python %s", script, err,
+                    shlex.join(sys.argv))
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         log.warning("%s: interrupted; the run's newest checkpoint survives: run the same command again to resume",

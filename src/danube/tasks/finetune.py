@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,15 +35,16 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from danube.callbacks import StageProgressBar
+from danube import logs, rundir
 from danube.data.tokenizer import Tokenizer
-from danube import rundir
+from danube.files import atomic_dir, atomic_write_text
 from danube.model.io import check_model_dir, load_pretrained, save_model_dir, tokenizer_path
 from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, world_size
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("sft", "dpo")
+FINISHED_FILE = "metrics.json"
 
 
 @dataclass
@@ -53,6 +55,8 @@ class FinetuneResult:
     hf_dir: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
     data_counts: dict[str, int] = field(default_factory=dict)
+    steps: int = 0  # optimizer steps taken
+    items: int = 0  # training items (samples, packed rows or pairs)
 
 
 SOURCE_OPTIONS = ("format", "lang", "val_split")
@@ -361,7 +365,36 @@ def run(cfg: DictConfig) -> FinetuneResult:
     run_dir = resolve_run_dir(cfg)
     check_output(cfg, run_dir)
     with rundir.lock(run_dir, what="fine-tuning run"):
-        return _run_locked(cfg, sources, tok, ws, accumulate, run_dir)
+        log_file = None
+        if rundir.is_rank_zero():
+            entry = rundir.record_invocation(run_dir, OmegaConf.to_container(cfg, resolve=True), [])
+            log_file = logs.log_to_file(run_dir / "logs" / f"{entry.stem}.log")
+        start = time.perf_counter()
+        try:
+            result = _run_locked(cfg, sources, tok, ws, accumulate, run_dir)
+        finally:
+            if log_file is not None:
+                logs.close_file(log_file)
+        summarize(cfg, result, time.perf_counter() - start, Path(log_file.baseFilename) if log_file else None)
+        return result
+
+
+def summarize(cfg: DictConfig, result: FinetuneResult, seconds: float, log_path: Path | None) -> None:
+    """What the run did, its final metrics and where each output is."""
+    m = result.metrics
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("train/loss", "val/loss", "val/rewards/accuracies",
+                                                   "val/rewards/margins") if k in m)
+    lines = [f"finetune.py done in {logs.duration(seconds)}: {cfg.loss.name} of {cfg.model_dir}, "
+             f"{result.steps} optimizer steps over {result.items:,} items" + (f"; {shown}" if shown else ""),
+             f"  model:       {result.model_dir}"]
+    if result.adapter_dir:
+        lines.append(f"  adapter:     {result.adapter_dir}")
+    if result.hf_dir:
+        lines.append(f"  Hugging Face: {result.hf_dir}")
+    lines.append(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    if log_path:
+        lines.append(f"  log:         {log_path}")
+    log.info("\n".join(lines))
 
 
 def check_output(cfg: DictConfig, run_dir: Path) -> None:
@@ -372,7 +405,7 @@ def check_output(cfg: DictConfig, run_dir: Path) -> None:
             f"model_dir={cfg.model_dir} lies inside this run's directory {run_dir}, which the run writes: the result "
             f"would replace its own input. Give the run its own name=NAME (or run_dir=PATH)"
         )
-    if (run_dir / "model").exists() and not cfg.get("overwrite"):
+    if (run_dir / FINISHED_FILE).exists() and not cfg.get("overwrite"):
         recorded = rundir.read_recorded(run_dir) or {}
         raise FileExistsError(
             f"{run_dir} already holds a fine-tuned model (from model_dir={recorded.get('model_dir', '?')}); give this "
@@ -405,8 +438,6 @@ def _run_locked(cfg: DictConfig, sources, tok: Tokenizer, ws: int, accumulate: i
     log.info("%s: %d items, %d optimizer steps of %d (micro-batch %d x %d accumulation x %d device(s))%s",
              cfg.loss.name, len(items), len(plan), int(cfg.train.batch_size), int(cfg.train.micro_batch_size),
              accumulate, ws, f"; {len(val_items)} held out for validation" if val_items else "")
-    if rundir.is_rank_zero():
-        rundir.record_invocation(run_dir, OmegaConf.to_container(cfg, resolve=True), [])
     # Lightning counts the validation interval in micro-batches; with no interval, validation
     # runs once, after the last step (below). A run started again hides what a killed one logged.
     val_every = cfg.train.get("val_every_n_steps")
@@ -414,7 +445,7 @@ def _run_locked(cfg: DictConfig, sources, tok: Tokenizer, ws: int, accumulate: i
     trainer = build_trainer(cfg, stage_dir=run_dir, logger_dir=run_dir / "tensorboard",
                             logger_version=cfg.loss.name, max_steps=len(plan), accumulate=accumulate,
                             val_check_interval=int(val_every or len(plan)) * accumulate,
-                            callbacks=[StageProgressBar(f"{cfg.loss.name} steps")],
+                            progress=f"{cfg.loss.name} steps",
                             purge_step=0 if restarted else None)
     num_workers, mbs = int(cfg.train.num_workers), int(cfg.train.micro_batch_size)
     data = (FinetuneDataWithValidation(items, plan, collate_fn, val_items, mbs, num_workers) if val_items
@@ -430,7 +461,9 @@ def _run_locked(cfg: DictConfig, sources, tok: Tokenizer, ws: int, accumulate: i
     if val_items:
         log.info("validation after step %d: %s", trainer.global_step,
                  ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
-    return finish(cfg, trainer, module.model, run_dir, tok, metrics, counts)
+    result = finish(cfg, trainer, module.model, run_dir, tok, metrics, counts)
+    result.steps, result.items = trainer.global_step, len(items)
+    return result
 
 
 def finish(cfg, trainer, model, run_dir: Path, tok: Tokenizer, metrics, counts) -> FinetuneResult:
@@ -442,13 +475,14 @@ def finish(cfg, trainer, model, run_dir: Path, tok: Tokenizer, metrics, counts) 
             from danube.lora import merge_lora
 
             adapter_dir = run_dir / "adapter"
-            model.save_pretrained(str(adapter_dir))
+            with atomic_dir(adapter_dir) as tmp:
+                model.save_pretrained(str(tmp))
             model = merge_lora(model)  # what `danube merge-lora run_dir/adapter run_dir/model` writes
         save_model_dir(model, model_dir, tokenizer=tok.model_file)
         if cfg.export_hf:
             from danube.hf import to_hf
 
             hf_dir = to_hf(model, run_dir / "hf", tokenizer=tok.model_file)
-        (run_dir / "metrics.json").write_text(json.dumps({"metrics": metrics, "data": counts}, indent=2))
-        log.info("fine-tuned model in %s%s", model_dir, f" (adapter in {adapter_dir})" if adapter_dir else "")
+        # Written last: a run directory with metrics.json holds a finished fine-tuning run.
+        atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"metrics": metrics, "data": counts}, indent=2))
     return FinetuneResult(run_dir, model_dir, adapter_dir, hf_dir, metrics, counts)

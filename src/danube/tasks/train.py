@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from danube import rundir
-from danube.callbacks import StageProgressBar, StepBoundary, mean_validation_loss
+from danube import logs, rundir
+from danube.callbacks import StepBoundary, mean_validation_loss
 from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact, step_checkpoints
 from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_write_text, remove_stale_temps
@@ -53,7 +54,7 @@ IDENTITY_KEYS = ("model", "data", "recipe", "seed", "init_from", "train.global_b
 COSMETIC_KEYS = ("model.attn_backend", "model._target_", "data.num_workers", "data.root", "train.log_every_n_steps",
                  "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
                  "train.keep_checkpoints", "train.compile", "train.activation_checkpointing",
-                 "train.loss_chunk_tokens", "train.max_steps", "perf")
+                 "train.loss_chunk_tokens", "train.max_steps", "perf", "verbose")
 IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths")
 
 # The keys each section may have: a misspelt one (`+train.lrr=1`) is an error, not ignored.
@@ -62,7 +63,7 @@ TRAIN_KEYS = {"global_batch_tokens", "micro_batch_tokens", "log_every_n_steps", 
               "loss_chunk_tokens"}
 OPTIM_KEYS = {"lr", "min_lr", "warmup_tokens", "betas", "eps", "weight_decay", "grad_clip", "fused"}
 TOP_KEYS = {"model", "data", "optim", "recipe", "stage", "trainer", "precision", "paths", "name", "run_dir", "resume",
-            "init_from", "seed", "plan", "plan_tokens_per_sec", "train", "perf"}
+            "init_from", "seed", "plan", "plan_tokens_per_sec", "train", "perf", "verbose"}
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrainResult:
     final_train_loss: float | None
     final_val_loss: float | None
     complete: bool = True  # False: stopped early at train.max_steps
+    trained_now: int = 0  # tokens this invocation trained (0: the stage was already complete)
 
 
 def stage_plans(cfg: DictConfig) -> list[StagePlan]:
@@ -505,22 +507,56 @@ def _run_locked(cfg: DictConfig, plans: list[StagePlan], run_dir: Path, model_cf
             f"{run_dir} was trained on data tokenized with another tokenizer (sha256 {recorded_tok[:12]}...) than "
             f"this run's {tokenizer.model_file} (sha256 {tokenizer.checksum[:12]}...); use another run_dir"
         )
+    log_file = None
     if rundir.is_rank_zero():
         remove_stale_temps(run_dir, recursive=True)
-        rundir.record_invocation(run_dir, recorded_config(cfg, tokenizer), changes)
+        entry = rundir.record_invocation(run_dir, recorded_config(cfg, tokenizer), changes)
+        log_file = logs.log_to_file(run_dir / "logs" / f"{entry.stem}.log")
+    try:
+        return _train_stages(cfg, plans, selected, run_dir, sources, weights, tokenizer, log_file)
+    finally:
+        if log_file is not None:
+            logs.close_file(log_file)
+
+
+def _train_stages(cfg, plans, selected, run_dir, sources, weights, tokenizer, log_file) -> TrainResult:
     L.seed_everything(int(cfg.seed), workers=True)
+    start = time.perf_counter()
     total_tokens = plans[-1].end_tokens
-    result = None
+    result, done, trained = None, [], 0
     for plan in selected:
         result = run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer)
+        trained += result.trained_now
         if not result.complete:
-            log.warning("stopped at train.max_steps=%d in stage %s (%s of %s tokens): the run is not finished; "
-                        "the same command without train.max_steps continues it", cfg.train.max_steps, plan.name,
-                        f"{result.tokens_seen:,}", f"{plan.end_tokens:,}")
             break
-    log.info("run directory %s: TensorBoard logs in %s, model in %s", run_dir, run_dir / "tensorboard",
-             result.model_dir)
+        done.append(plan.name)
+    summarize(result, selected, done, trained, time.perf_counter() - start, cfg,
+              Path(log_file.baseFilename) if log_file else None)
     return result
+
+
+def summarize(result: TrainResult, selected: list[StagePlan], done: list[str], trained: int, seconds: float,
+              cfg: DictConfig, log_path: Path | None) -> None:
+    """What the invocation did, its final losses and where each output is."""
+    losses = ", ".join(f"{name} {value:.4f}" for name, value in (("train loss", result.final_train_loss),
+                                                                  ("val loss", result.final_val_loss))
+                       if value is not None)
+    speed = f", {trained / seconds:,.0f} tokens/s overall" if trained and seconds > 0 else ""
+    if result.complete:
+        head = (f"train.py done in {logs.duration(seconds)}: stage{'s' if len(done) > 1 else ''} {', '.join(done)} "
+                f"complete, {result.tokens_seen:,} tokens seen ({trained:,} trained now{speed})")
+    else:
+        stage = selected[len(done)]
+        head = (f"train.py stopped at train.max_steps={cfg.train.max_steps} in {logs.duration(seconds)}: stage "
+                f"{stage.name} at {result.tokens_seen:,} of {stage.end_tokens:,} tokens ({trained:,} trained "
+                f"now{speed}); not finished: the same command without train.max_steps continues it")
+    lines = [head + (f"; final {losses}" if losses else ""),
+             f"  model:       {result.model_dir}" if result.complete else
+             f"  checkpoint:  {result.run_dir / selected[len(done)].name / 'checkpoints' / 'last.ckpt'}",
+             f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}  (danube plot {result.run_dir})"]
+    if log_path:
+        lines.append(f"  log:         {log_path}")
+    log.info("\n".join(lines))
 
 
 def tokens_at_step(plan: StagePlan, step: int, global_batch_tokens: int) -> int:
@@ -566,7 +602,7 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
     trainer = build_trainer(
         cfg, stage_dir=stage_dir, logger_dir=run_dir / "tensorboard", logger_version=plan.name,
         max_steps=max_steps, accumulate=plan.grad_accum, val_check_interval=plan.grad_accum, limit_val_batches=0,
-        callbacks=[boundary, StageProgressBar(f"{plan.name} (seq {plan.seq_len})")], purge_step=purge,
+        callbacks=[boundary], purge_step=purge, progress=f"{plan.name} (seq {plan.seq_len})",
     )
     val_loader = None
 
@@ -589,7 +625,9 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
         )
     train = module.last_train_loss
     val = boundary.last_val[1] if boundary.last_val is not None else None
-    result = TrainResult(run_dir, model_dir, module.tokens_seen, train, val, complete=max_steps == plan.steps)
+    result = TrainResult(run_dir, model_dir, module.tokens_seen, train, val, complete=max_steps == plan.steps,
+                         trained_now=module.tokens_seen - tokens_at_step(plan, resumed_step,
+                                                                          int(cfg.train.global_batch_tokens)))
     if result.complete and trainer.is_global_zero:
         # The last step's checkpoint: written by this fit, or the one it resumed from at the stage's end.
         last = boundary.last_saved or (Path(ckpt_path) if ckpt_path and resumed_step == max_steps else None)
