@@ -130,7 +130,7 @@ def danube_side(cfg: DanubeConfig, precision: str, seq_len: int, tokens: torch.T
             loss = module.loss(tokens)
         loss.backward()
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            module.clip_grad_norm_(grad_clip)  # what configure_gradient_clipping does in training
         module.tokens_seen += tokens.shape[0] * seq_len
         module.on_before_optimizer_step(optimizer)  # the LR of this step, as in training
         optimizer.step()
