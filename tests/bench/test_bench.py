@@ -32,6 +32,18 @@ def test_train_throughput_quick_ends_with_the_ratio():
     assert "transformers" in proc.stdout and "danube" in proc.stdout
 
 
+@pytest.mark.slow
+def test_sequential_sides_are_timed_one_at_a_time_within_the_budget():
+    """How CUDA runs the grid (one model in memory at a time, a time budget), here on CPU."""
+    args = ["--model", "tiny", "--seq-len", "64", "--sequential", "--repeats", "2", "--no-write"]
+    proc = run("train_throughput.py", *args)
+    assert re.fullmatch(r"ratio_vs_hf=(\d+\.\d+)", last_line(proc))
+    assert re.search(r"^tiny +64 +32 +fp32 +sdpa +danube +\d+\.\d +[\d,]+ .*x$", proc.stdout, re.M)
+    proc = run("train_throughput.py", *args, "--time-budget", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("skipped: time budget") == 2  # transformers and danube: nothing started late
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_gpu_options_fail_clearly_without_cuda():
     options = ["--model", "danube_1p8b", "--precision", "bf16", "--attention", "flash"]
