@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", type=Path, default=benchlib.BENCHMARKS, help="the file to write the section to")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the parts and their sizes; time nothing")
+    parser.add_argument("--parts", nargs="+", choices=["ce", "adamw", "attention"], default=None,
+                        help="a subset (its own section, step_parts_<parts>); default all (CPU), adamw (CUDA)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         raise SystemExit("--device cuda needs a CUDA GPU and none is visible")
@@ -171,16 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"{adamw[0]}: {len(adamw[1])} tensors on {args.device}")
         return 0
-    parts = [(adamw[0], lambda: adamw_variants(adamw[1], args.device))]
-    if args.device == "cpu":
-        parts = [
-            (f"cross-entropy, {4096 // scale:,} tokens x 768 -> 32,000",
-             lambda: ce_variants(4096 // scale, 768, 32_000, 1024 // scale)),
-            *parts,
-            ("attention fwd+bwd, 8x8 heads (2 KV), T 256, window 64 (tiny)", lambda: attention_variants(8, 8, 2, 256, 32, 64)),
-            (f"attention fwd+bwd, 1x16 heads (4 KV) x 64, T {2048 // scale}, window {512 // scale}",
-             lambda: attention_variants(1, 16, 4, 2048 // scale, 64, 512 // scale)),
-        ]
+    chosen = args.parts or (["ce", "adamw", "attention"] if args.device == "cpu" else ["adamw"])
+    if args.device == "cuda" and chosen != ["adamw"]:
+        raise SystemExit("--device cuda times the AdamW part only: --parts adamw")
+    parts = [
+        ("ce", f"cross-entropy, {4096 // scale:,} tokens x 768 -> 32,000",
+         lambda: ce_variants(4096 // scale, 768, 32_000, 1024 // scale)),
+        ("adamw", adamw[0], lambda: adamw_variants(adamw[1], args.device)),
+        ("attention", "attention fwd+bwd, 8x8 heads (2 KV), T 256, window 64 (tiny)",
+         lambda: attention_variants(8, 8, 2, 256, 32, 64)),
+        ("attention", f"attention fwd+bwd, 1x16 heads (4 KV) x 64, T {2048 // scale}, window {512 // scale}",
+         lambda: attention_variants(1, 16, 4, 2048 // scale, 64, 512 // scale)),
+    ]
+    parts = [(label, build) for key, label, build in parts if key in chosen]
     header = ["part", "variant", "ms", "vs first"]
     rows = []
     for part, build in parts:
@@ -195,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             "`torch.nn.utils.clip_grad_norm_(params, 1.0)` before the step (foreach norms on CUDA), as "
             "`PretrainModule.clip_grad_norm_` does.\n")
     section = "step_parts_quick" if args.quick else ("step_parts_gpu" if args.device == "cuda" else "step_parts")
-    benchlib.publish(section, f"Parts of the training step ({args.device})", header, rows, note,
+    if args.device == "cpu" and args.parts and sorted(set(args.parts)) != ["adamw", "attention", "ce"]:
+        section += "_" + "_".join(p for p in ("ce", "adamw", "attention") if p in args.parts)
+    title = "AdamW with and without clipping" if chosen == ["adamw"] else "Parts of the training step"
+    benchlib.publish(section, f"{title} ({args.device})", header, rows, note,
                      write=not args.no_write, path=args.benchmarks)
     return 0
 
