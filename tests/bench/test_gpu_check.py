@@ -78,7 +78,8 @@ def test_dry_run_checks_wheels_configs_commands_and_test_collection(wheels, tmp_
     assert proc.returncode == 0, proc.stdout[-4000:]
     out = proc.stdout
     assert "9 wheels in" in out and out.count("composes: debug=fast") == 3
-    assert "danube_1p8b seq 16384: transformers bf16 sdpa" in out and "AdamW step, danube_1p8b" in out
+    assert "danube_1p8b seq 2048: transformers bf16 sdpa; danube bf16 sdpa" in out
+    assert "danube_1p8b seq 16384: danube, compiled bf16 flex" in out and "AdamW step, danube_1p8b" in out
     assert "tests/gpu/test_cuda.py::test_train_py_debug_fast_bf16_on_one_gpu" in out
     assert "0 phase(s) failed" in out
     assert (tmp_path / "out" / "gpu_check.log").read_text().count("=== ") >= 10

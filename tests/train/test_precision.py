@@ -98,16 +98,16 @@ def test_a_trainer_precision_danube_cannot_clip_is_refused():
 @pytest.mark.slow
 def test_debug_fast_pretrains_in_bf16_end_to_end(tmp_path, data_root):
     """`python train.py precision=bf16 debug=fast`: crashed at the first optimizer step (fused AdamW + clipping)."""
-    stages = "recipe.stages=[{name: seq64, seq_len: 64, tokens: 16384}, {name: seq128, seq_len: 128, tokens: 8192}]"
+    stages = "recipe.stages=[{name: seq64, seq_len: 64, tokens: 12288}, {name: seq128, seq_len: 128, tokens: 4096}]"
     cfg = compose_train([*SMALL, "precision=bf16", stages, "train.log_every_n_steps=1",
                          f"paths.data_dir={data_root}", f"run_dir={tmp_path}/run"])
     result = run(cfg)
-    assert result.tokens_seen == 16384 + 8192
+    assert result.tokens_seen == 12288 + 4096
     ckpt = torch.load(result.run_dir / "seq128" / "final.ckpt", map_location="cpu", weights_only=False)
     assert all(group["fused"] for group in ckpt["optimizer_states"][0]["param_groups"])  # optim.fused: auto
     scalars = read_scalars(result.run_dir)
     norms = [v for _, v in scalars["train/grad_norm"]]
-    assert len(norms) == 6 and all(math.isfinite(v) and v > 0 for v in norms)
+    assert len(norms) == 4 and all(math.isfinite(v) and v > 0 for v in norms)
     assert all(math.isfinite(v) for _, v in scalars["train/loss"] + scalars["val/loss"])
-    assert result.final_val_loss < math.log(4096)  # learnt something in 6 steps
+    assert result.final_val_loss < math.log(4096)  # learnt something in 4 steps
     assert load_model_dir(result.model_dir).cfg.sliding_window == 48
