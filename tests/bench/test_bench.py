@@ -92,3 +92,20 @@ def test_a_section_is_replaced_and_the_others_kept(tmp_path, monkeypatch):
     assert "| 2 |" in text and "| 1 |" not in text and "second" in text
     assert text.count("<!-- bench:a -->") == 1 and text.index("bench:a") < text.index("bench:b")
     assert "- machine: " in text and "torch " + torch.__version__ in text
+
+
+def test_a_failing_side_is_a_row_and_the_others_still_run(monkeypatch):
+    """On the device a side that breaks (here: FlexAttention has no CPU backward) must not cost the run."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import train_throughput as tt
+
+    args = argparse.Namespace(device="cpu", micro_batch_tokens=128, activation_checkpointing=False,
+                              hf_fused_adamw=False, warmup=1, repeats=1, profile=0, interrupted=False,
+                              estimate={"eager": 10.0, "compiled": 45.0})
+    group = tt.Group("tiny", 64, [tt.Spec("fp32", "flex"), tt.Spec("fp32", "sdpa")], hf="sdpa", hf_at=2)
+    flex, sdpa, hf = tt.run_sequential(args, group, peak=None, deadline=None)
+    assert flex.ms is None and flex.status.startswith("error: NotImplementedError: FlexAttention does not support")
+    assert sdpa.ms > 0 and hf.side == "transformers" and hf.vs_hf == 1.0
+    assert sdpa.vs_hf == pytest.approx(hf.ms / sdpa.ms)
