@@ -111,3 +111,13 @@ def test_debug_fast_pretrains_in_bf16_end_to_end(tmp_path, data_root):
     assert all(math.isfinite(v) for _, v in scalars["train/loss"] + scalars["val/loss"])
     assert result.final_val_loss < math.log(4096)  # learnt something in 4 steps
     assert load_model_dir(result.model_dir).cfg.sliding_window == 48
+
+
+def test_fp8_packages_are_imported_only_when_fp8_is_asked_for():
+    import subprocess
+    import sys
+
+    code = ("import sys, danube.lit.pretrain, danube.tasks.train, danube.precision; "
+            "print(sorted(m for m in ('torchao', 'transformer_engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
