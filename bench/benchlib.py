@@ -49,7 +49,7 @@ def machine() -> str:
     return "; ".join(parts)
 
 
-def command() -> str:
+def run_command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 
 
@@ -100,16 +100,17 @@ def should_write(args) -> bool:
     return bool(args.write) or not (args.no_write or getattr(args, "quick", False))
 
 
-def publish(name: str, title: str, header: list[str], rows: list[list[object]], note: str, write: bool = True) -> None:
-    """Print the table; unless ``write`` is false, also make it section ``name`` of BENCHMARKS.md
-    (the Markdown table followed by ``note``, which says what the figures are)."""
+def publish(name: str, title: str, header: list[str], rows: list[list[object]], note: str, write: bool = True,
+            path: Path = BENCHMARKS) -> None:
+    """Print the table; unless ``write`` is false, also make it section ``name`` of ``path``
+    (BENCHMARKS.md: the Markdown table followed by ``note``, which says what the figures are)."""
     print(text_table(header, rows))
     if write:
-        path = write_section(name, title, f"{markdown_table(header, rows)}\n\n{note}")
-        print(f"wrote {path.relative_to(REPO)}")
+        path = write_section(name, title, f"{markdown_table(header, rows)}\n\n{note}", Path(path))
+        print(f"wrote {os.path.relpath(path, REPO)}")
 
 
-def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS) -> Path:
+def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS, command: str | None = None) -> Path:
     """Replace (or append) the section ``name`` of BENCHMARKS.md, leaving the others as they are.
 
     A section is delimited by ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; the
@@ -117,7 +118,7 @@ def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS) -> 
     """
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"<!-- bench:{name} -->\n## {title}\n\n"
-               f"- machine: {machine()}\n- command: `{command()}`\n- date: {stamp}\n\n{body.strip()}\n"
+               f"- machine: {machine()}\n- command: `{command or run_command()}`\n- date: {stamp}\n\n{body.strip()}\n"
                f"<!-- /bench:{name} -->")
     text = path.read_text() if path.is_file() else HEADER
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)

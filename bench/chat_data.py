@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-records", type=int, default=250_000)
     parser.add_argument("--parquet-rows", type=int, default=200_000)
     parser.add_argument("--quick", action="store_true", help="50k JSON records, 40k Parquet rows")
-    parser.add_argument("--no-write", action="store_true")
+    benchlib.add_write_flags(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.json_records, args.parquet_rows = 50_000, 40_000
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     benchlib.publish("chat_data_quick" if args.quick else "chat_data", "Reading chat data",
                      ["reader", "records", "file MiB", "RSS after imports MiB", "peak RSS MiB", "seconds",
                       "records/s"], rows, note,
-                     write=not args.no_write)
+                     write=benchlib.should_write(args))
     return 0
 
 

@@ -32,6 +32,18 @@ def test_train_throughput_quick_ends_with_the_ratio():
     assert "transformers" in proc.stdout and "danube" in proc.stdout
 
 
+@pytest.mark.slow
+def test_sequential_sides_are_timed_one_at_a_time_within_the_budget():
+    """How CUDA runs the grid (one model in memory at a time, a time budget), here on CPU."""
+    args = ["--model", "tiny", "--seq-len", "64", "--sequential", "--repeats", "2", "--no-write"]
+    proc = run("train_throughput.py", *args)
+    assert re.fullmatch(r"ratio_vs_hf=(\d+\.\d+)", last_line(proc))
+    assert re.search(r"^tiny +64 +32 +fp32 +sdpa +danube +\d+\.\d +[\d,]+ .*x$", proc.stdout, re.M)
+    proc = run("train_throughput.py", *args, "--time-budget", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("skipped: time budget") == 2  # transformers and danube: nothing started late
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_gpu_options_fail_clearly_without_cuda():
     options = ["--model", "danube_1p8b", "--precision", "bf16", "--attention", "flash"]
@@ -97,3 +109,20 @@ def test_quick_runs_print_only_unless_asked_to_write(monkeypatch):
     assert not decide("--quick") and not decide("--no-write") and not decide("--quick", "--no-write")
     with pytest.raises(SystemExit):
         parser.parse_args(["--write", "--no-write"])
+
+
+def test_a_failing_side_is_a_row_and_the_others_still_run(monkeypatch):
+    """On the device a side that breaks (here: FlexAttention has no CPU backward) must not cost the run."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import train_throughput as tt
+
+    args = argparse.Namespace(device="cpu", micro_batch_tokens=128, activation_checkpointing=False,
+                              hf_fused_adamw=False, warmup=1, repeats=1, profile=0, interrupted=False,
+                              estimate={"eager": 10.0, "compiled": 45.0})
+    group = tt.Group("tiny", 64, [tt.Spec("fp32", "flex"), tt.Spec("fp32", "sdpa")], hf="sdpa", hf_at=2)
+    flex, sdpa, hf = tt.run_sequential(args, group, peak=None, deadline=None)
+    assert flex.ms is None and flex.status.startswith("error: NotImplementedError: FlexAttention does not support")
+    assert sdpa.ms > 0 and hf.side == "transformers" and hf.vs_hf == 1.0
+    assert sdpa.vs_hf == pytest.approx(hf.ms / sdpa.ms)

@@ -85,6 +85,55 @@ def test_optimizer_is_fused_on_cpu_and_steps_like_the_default_adamw(tiny_module_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _fit_one_step(module, tokens, precision, clip):
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=1, gradient_clip_val=clip,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    loader = torch.utils.data.DataLoader([{"tokens": row} for row in tokens], batch_size=len(tokens))
+    trainer.fit(module, train_dataloaders=loader)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("fused", ["auto", False])
+def test_lightning_step_clips_the_gradients_with_any_adamw(tiny_module_args, precision, fused):
+    """bf16-mixed + fused AdamW + clipping was refused by Lightning's plugin; danube clips itself."""
+    clip = 1e-3  # far below the gradient norm: clipping decides the update
+    args = {**tiny_module_args, "optim": {**tiny_module_args["optim"], "fused": fused, "grad_clip": clip}}
+    tokens = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    module = PretrainModule(**args)
+    module.configure_model()
+    reference = PretrainModule(**args)
+    reference.configure_model()
+    reference.model.load_state_dict(module.model.state_dict())
+
+    _fit_one_step(module, tokens, precision, clip)
+    assert module._grad_norm is not None and float(module._grad_norm) > 100 * clip
+    opt = reference.configure_optimizers()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss = reference.loss(tokens)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.model.parameters(), clip)
+    reference.tokens_seen = module.tokens_seen
+    reference.on_before_optimizer_step(opt)
+    opt.step()
+    torch.testing.assert_close(module._grad_norm, norm, rtol=1e-4, atol=0)
+    for (name, a), b in zip(module.model.named_parameters(), reference.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_weight_decay_is_on_matrices_and_never_on_norms(tiny_module_args):
+    module = PretrainModule(**tiny_module_args)
+    module.configure_model()
+    decay, no_decay = module.configure_optimizers().param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in module.model.named_parameters() if "norm" in n}
+    assert all(p.ndim == 2 for p in decay["params"]) and len(decay["params"]) == 2 + 7 * 2  # embed, lm_head, 7/block
+
+
 @pytest.fixture
 def tiny_module_args():
     model = dict(vocab_size=97, n_embd=32, intermediate_size=48, n_layer=2, n_head=4, n_kv_head=2,

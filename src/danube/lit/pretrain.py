@@ -16,8 +16,8 @@ import lightning as L
 import torch
 
 from danube.model import Danube, DanubeConfig, build_model
-from danube.model.transformer import linear_no_bias
-from danube.precision import fp8_autocast, te_linear_factory
+from danube.model.transformer import RMSNorm, linear_no_bias
+from danube.precision import convert_to_float8, fp8_autocast, fp8_backend, te_linear_factory
 from danube.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class PretrainModule(L.LightningModule):
         total_tokens: tokens of the whole recipe (all stages): where the cosine ends.
         seq_len: this stage's sequence length (logged as ``train/seq_len``).
         stage: this stage's name (recorded in checkpoints, so ``resume=PATH`` knows its stage).
-        precision: the precision config (``fp8: true`` builds Transformer Engine layers).
+        precision: the precision config (``fp8: true``: the block projections in FP8 through
+            ``backend`` ``te`` or ``torchao``, see :mod:`danube.precision`).
         peak_flops: per-device peak for ``perf/mfu`` (None: not logged).
         init_from: a checkpoint of the previous stage to start from (weights, optimizer, tokens),
             or a danube model directory (weights only: fresh optimizer, tokens 0).
@@ -132,7 +133,9 @@ class PretrainModule(L.LightningModule):
         self.config = DanubeConfig.from_dict(model)
         self.model = None
         self.tokens_seen = 0
-        self.fp8 = bool((precision or {}).get("fp8"))
+        self.fp8_backend = fp8_backend(precision)
+        self.fp8 = self.fp8_backend == "te"  # Transformer Engine layers run under its fp8_autocast
+        self._grad_norm: torch.Tensor | None = None  # before clipping, at the last optimizer step
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._source_tokens: torch.Tensor | None = None  # this interval, this rank
@@ -157,6 +160,8 @@ class PretrainModule(L.LightningModule):
             self.model.init_weights()
         else:
             self.model = build_model(self.config, device=device, linear=linear)
+        if self.fp8_backend == "torchao":
+            convert_to_float8(self.model, self.hparams.precision)  # before compile: it traces Float8Linear
         if self.hparams.activation_checkpointing:
             self.model.set_gradient_checkpointing(True)
         if self.hparams.compile:
@@ -172,12 +177,17 @@ class PretrainModule(L.LightningModule):
     # -- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.hparams.optim
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        # Decay every matrix, never the norms. Chosen by module, not by p.ndim: under FSDP
+        # (use_orig_params) each parameter is a flat 1-D view of its shard by now.
+        norms = {id(p) for m in self.model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if id(p) not in norms]
+        no_decay = [p for p in params if id(p) in norms]
         fused = o.get("fused", "auto")
         if fused == "auto":
             # torch has fused AdamW kernels for CPU and CUDA; on 2 CPU cores the fused step
-            # of a ~100M model is ~6x faster than the default per-tensor loop (bench/).
+            # of a ~100M model is ~6x faster than the default per-tensor loop (bench/). danube
+            # clips gradients itself (configure_gradient_clipping), so fused is allowed in bf16.
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
             fused = device.type in ("cpu", "cuda")
         return torch.optim.AdamW(
@@ -190,15 +200,45 @@ class PretrainModule(L.LightningModule):
         return lr_at(self.tokens_seen, lr=o["lr"], min_lr=o["min_lr"], warmup_tokens=int(o["warmup_tokens"]),
                      total_tokens=int(self.hparams.total_tokens))
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm here rather than through Lightning's precision plugins.
+
+        Lightning's bf16-mixed plugin refuses to clip for an optimizer that can unscale fp16
+        gradients inside its step (the fused AdamW), though bf16 has no scaler, and its FSDP
+        plugin refuses norm clipping altogether; neither refusal applies to what is done here.
+        """
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: danube clips by norm only")
+        if gradient_clip_val:
+            self._grad_norm = self.clip_grad_norm_(float(gradient_clip_val))
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients so that their global norm is at most ``max_norm``; returns the norm before.
+
+        Under FSDP each rank holds a shard of every gradient: the root wrapper's own
+        ``clip_grad_norm_`` reduces the norm over all of them. Elsewhere torch's, which uses
+        the multi-tensor (foreach) kernels on CUDA. No host sync: the norm stays on the device.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        if isinstance(root, FullyShardedDataParallel):
+            return root.clip_grad_norm_(max_norm)
+        grads = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # tokens_seen already counts this step's batch (see danube.schedule.lr_at).
         lr = self.lr_now()
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # The step's metrics are written here, before the step boundary's checkpoint
-        # (danube.callbacks.StepBoundary, after the optimizer step): a run killed right
-        # after that checkpoint has already logged the step it resumes after.
-        step = self.global_step + 1  # the step being taken
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)  # backward of the last micro-batch, clipping, the step
+        # The step's metrics are written here, after its clipping (train/grad_norm) and before
+        # the step boundary's checkpoint (danube.callbacks.StepBoundary, in on_train_batch_end):
+        # a run killed right after that checkpoint has already logged the step it resumes after.
+        step = self.global_step + 1  # Lightning counts the step once this hook returns
         # Every stage logs its first and last step besides every n-th, so a stage shorter than
         # the interval still has its points and each curve reaches the stage's end.
         if step % self.hparams.log_every_n_steps == 0 or step == 1 or step == self.trainer.max_steps:
@@ -238,6 +278,8 @@ class PretrainModule(L.LightningModule):
             "train/tokens_seen": float(self.tokens_seen),
             "train/step": float(step),
         }
+        if self._grad_norm is not None:
+            metrics["train/grad_norm"] = float(self._grad_norm)
         if self.hparams.source_names:
             self._flush_source_tokens()
             for name, count in zip(self.hparams.source_names, self.source_tokens_total):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from danube.checkpoints import AtomicCheckpointIO
 from danube.errors import USER_ERRORS, MissingHardware
@@ -60,10 +60,39 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return int(devices) * int(trainer_cfg.get("num_nodes", 1))
 
 
+TRAINER_PRECISIONS = ("32-true", "bf16-mixed")  # fp16 would need a loss scaler: danube clips unscaled gradients
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def check_precision_config(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:
+    """The precision and trainer options must go together (no hardware needed to tell)."""
+    from danube.precision import fp8_backend
+
+    precision = _plain(precision_cfg)
+    if precision.get("trainer_precision") not in TRAINER_PRECISIONS:
+        raise ValueError(f"precision.trainer_precision={precision.get('trainer_precision')!r}; "
+                         f"allowed: {', '.join(TRAINER_PRECISIONS)}")
+    backend = fp8_backend(precision)
+    if backend is None:
+        return
+    if trainer_cfg.accelerator not in ("gpu", "cuda"):
+        raise ValueError(f"precision=fp8 runs on GPUs; trainer.accelerator={trainer_cfg.accelerator} "
+                         "(use trainer=h100x1 or h100x8, or precision=bf16)")
+    if backend == "te" and "fsdp" in str(trainer_cfg.strategy):
+        raise ValueError("precision=fp8 with backend te and an FSDP strategy is not supported; "
+                         "use trainer=h100x8 (DDP) or precision.backend=torchao")
+
+
 def check_trainer_config(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:
-    """Fail before any compute when the hardware asked for is not here."""
+    """Fail before any compute when the options do not go together or the hardware asked for is not here."""
     from danube.precision import check_fp8_available
 
+    if precision_cfg.get("fp8"):
+        check_fp8_available(_plain(precision_cfg))  # CUDA, the backend's package, the GPU: names what is missing
+    check_precision_config(trainer_cfg, precision_cfg)
     if trainer_cfg.accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise MissingHardware(
@@ -74,10 +103,6 @@ def check_trainer_config(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> 
             raise MissingHardware(
                 f"trainer.devices={trainer_cfg.devices} but this machine has {torch.cuda.device_count()} GPU(s)"
             )
-    if precision_cfg.get("fp8"):
-        check_fp8_available()
-        if "fsdp" in str(trainer_cfg.strategy):
-            raise ValueError("precision=fp8 with an FSDP strategy is not supported; use trainer=h100x8 (DDP)")
     if precision_cfg.trainer_precision.startswith("bf16") and trainer_cfg.accelerator == "cpu":
         log.warning("bf16 on CPU is slow and only useful for testing; fp32 is the CPU default")
 
