@@ -88,7 +88,7 @@ def test_emulated_fp8_forward_and_backward_track_full_precision():
 def test_pretrain_module_converts_with_backend_torchao():
     args = dict(model=TINY.to_dict(), optim=dict(lr=1e-3, min_lr=1e-4, warmup_tokens=10, betas=[0.9, 0.95], eps=1e-8,
                                                  weight_decay=0.1, grad_clip=1.0, fused=False),
-                total_tokens=1000, global_batch_tokens=64, seq_len=32)
+                total_tokens=1000, seq_len=32)
     module = PretrainModule(**args, precision={"trainer_precision": "bf16-mixed", "fp8": True, "backend": "torchao"})
     module.configure_model()
     assert module.fp8_backend == "torchao" and not module.fp8  # no Transformer Engine autocast

@@ -45,7 +45,7 @@ def tiny(**overrides) -> DanubeConfig:
 def module(cfg: DanubeConfig, device: str, precision: dict = FP32, **kwargs) -> PretrainModule:
     optim = OmegaConf.to_container(OmegaConf.load(CONF / "optim" / "adamw.yaml"))
     optim.update(lr=1e-3, warmup_tokens=1)  # the peak LR from the first step
-    m = PretrainModule(model=cfg.to_dict(), optim=optim, total_tokens=10**9, global_batch_tokens=4096, seq_len=256,
+    m = PretrainModule(model=cfg.to_dict(), optim=optim, total_tokens=10**9, seq_len=256,
                        precision=precision, **kwargs).to(device)
     m.configure_model()
     return m
@@ -230,7 +230,7 @@ def train_curve(precision: dict, batches: list[torch.Tensor], compile: bool = Fa
     optim.update(lr=3e-3, min_lr=3e-4, warmup_tokens=5 * tokens)
     torch.manual_seed(0)
     m = PretrainModule(model=cfg.to_dict(), optim=optim, total_tokens=FP8_STEPS * tokens,
-                       global_batch_tokens=tokens, seq_len=batches[0].shape[1] - 1, precision=precision,
+                       seq_len=batches[0].shape[1] - 1, precision=precision,
                        compile=compile).to("cuda")
     m.configure_model()
     opt = m.configure_optimizers()
