@@ -72,7 +72,9 @@ def test_check_command_fails_with_the_problem(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_checks_wheels_configs_commands_and_test_collection(wheels, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           # the script runs `python3`: this interpreter's, even when its virtualenv is not activated
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", "--wheels", str(wheels),
                            str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
