@@ -32,6 +32,8 @@ WARNINGS = (
     r"The `srun` command is available on your system but is not used",
     r".*does not have many workers which may be a bottleneck",
     r"Found keys that are in the model state dict but not in the checkpoint",
+    # peft: danube sets base_model_name_or_path itself right after (danube.lora.add_lora); the JSON is right
+    r"The PEFT config's `base_model_name_or_path` was renamed",
 )
 
 

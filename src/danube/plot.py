@@ -38,8 +38,9 @@ def read_stages(run_dir: str | Path) -> dict[str, Series]:
     stage_dirs = sorted({p.parent for p in tb.rglob("events.out.tfevents.*")})
     if not stage_dirs:
         raise FileNotFoundError(f"no TensorBoard event files under {tb}: is {run_dir} a danube run directory?")
-    # Reading logs "No path found after <file>" for every event file at INFO: not news.
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)
+    # Reading logs "No path found after <file>" for every event file at INFO, and a WARNING each time
+    # it hides the points a resumed run logged again (the purge_step danube asks for): not news.
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     stages: dict[str, Series] = {}
     for stage_dir in stage_dirs:
         acc = EventAccumulator(str(stage_dir), size_guidance={"scalars": 0})

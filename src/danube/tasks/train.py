@@ -591,9 +591,12 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
         tokenizer_checksum=tokenizer.checksum, val_batches=cfg.train.val_batches, world_size=world_size(cfg.trainer),
     )
     module = build_module(cfg, plan, total_tokens, init_from, tokenizer, list(sources))
-    # A resumed (or restarted) stage logs its steps again: hide what an earlier attempt logged after its checkpoint.
+    # A resumed (or restarted) stage logs its steps again: hide what an earlier attempt logged after its
+    # checkpoint -- or, restarted from the stage's start, all it logged (its first point too, logged again).
     events = any((run_dir / "tensorboard" / plan.name).glob("events.out.tfevents.*"))
-    purge = tokens_at_step(plan, resumed_step, int(cfg.train.global_batch_tokens)) + 1 if events else None
+    purge = None
+    if events:
+        purge = tokens_at_step(plan, resumed_step, int(cfg.train.global_batch_tokens)) + (1 if resumed_step else 0)
     boundary = StepBoundary(
         stage_dir / "checkpoints", every_n_steps=int(cfg.train.checkpoint_every_n_steps),
         keep=int(cfg.train.keep_checkpoints), last_step=max_steps,
