@@ -69,10 +69,17 @@ def straight(tmp_path_factory, data_root):
 
 # -- kills ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_sigkills_resume_bit_exactly(straight, data_root, tmp_path):
-    """Killed right after a checkpoint, then right after the resumed run's first new checkpoint."""
+def test_three_sigkills_resume_bit_exactly(straight, data_root, tmp_path):
+    """Killed before any checkpoint, right after one, then right after the resumed run's first new one."""
     run_dir = tmp_path / "killed"
     ckpts = run_dir / "seq64" / "checkpoints"
+    proc = subprocess.Popen(_cmd(data_root, run_dir), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    tb = run_dir / "tensorboard" / "seq64"
+    _wait_for(lambda: any(f.stat().st_size > 1000 for f in tb.glob("events.*")), proc, "the first points on disk")
+    proc.kill()  # before any checkpoint: the stage starts over, and what it logged must not show twice
+    proc.wait()
+    assert not step_checkpoints(ckpts)
     proc = subprocess.Popen(_cmd(data_root, run_dir), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _wait_for(lambda: (ckpts / "step00000003.ckpt").is_file(), proc, "the first checkpoint")
