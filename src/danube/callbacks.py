@@ -226,13 +226,15 @@ class StepLines(Callback):
         if step == self._step:
             return  # inside an accumulation
         self._step = step
-        if step % self.every and step != 1 and step != trainer.max_steps:
+        if not trainer.is_global_zero or (step % self.every and step != 1 and step != trainer.max_steps):
             return
         shown = ", ".join(f"{k} {_short(float(v))}" for k, v in trainer.progress_bar_metrics.items() if k != "v_num")
         log.info("%s: step %d/%d%s", self.description, step, trainer.max_steps, f", {shown}" if shown else "")
 
 
 def _short(value: float) -> str:
+    if abs(value) >= 1e4:
+        return f"{value:,.0f}"
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 

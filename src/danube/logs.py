@@ -61,7 +61,10 @@ def setup(verbose: bool = False, stream=None) -> None:
             for h in list(lg.handlers):  # Lightning's own StreamHandler: the second copy of each line
                 lg.removeHandler(h)
             lg.propagate = True
-    logging.getLogger("danube").setLevel(logging.INFO)
+    # The other ranks of a multi-device job (started by the launcher) say only what goes wrong.
+    from danube.rundir import is_rank_zero
+
+    logging.getLogger("danube").setLevel(logging.INFO if is_rank_zero() else logging.WARNING)
     global _filtered
     if not verbose and not _filtered:
         for message in WARNINGS:

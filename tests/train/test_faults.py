@@ -366,3 +366,29 @@ def test_a_corrupt_gzip_is_named(tmp_path, sp_model):
     bad.write_bytes(gzip.compress(b'{"text": "hello"}\n' * 100)[:-30] + os.urandom(30))
     with pytest.raises(ValueError, match=r"bad.jsonl.gz: corrupt gzip file"):
         prepare([bad], tmp_path / "out", sp_model, num_workers=1)
+
+
+@pytest.mark.slow
+def test_two_ranks_on_cpu_stop_together_on_sigterm_and_resume_bit_exactly(data_root, tmp_path):
+    """DDP (gloo, 2 processes): SIGTERM to rank 0 only; both stop at the same step boundary with one checkpoint.
+
+    Rank 1 is started by Lightning re-running the command: it takes no lock, writes no history, logs no steps.
+    """
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    out = subprocess.run(_cmd(data_root, straight, *ddp), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert out.stdout.count("seq64 (seq 64): step 10/10") == 1 and out.stdout.count("train.py done in") == 1
+    assert len(list((straight / "history").glob("*.yaml"))) == 1
+    proc = subprocess.Popen(_cmd(data_root, stopped, *ddp), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    tb = stopped / "tensorboard" / "seq64"
+    _wait_for(lambda: any(f.stat().st_size > 1000 for f in tb.glob("events.*")), proc, "training to start")
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, text[-3000:]
+    assert "stopped by SIGTERM" in text and "Traceback" not in text
+    assert step_checkpoints(stopped / "seq64" / "checkpoints")
+    again = subprocess.run(_cmd(data_root, stopped, *ddp), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:]
+    _assert_same_run(straight, stopped)
