@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import benchlib
-from danube.lit.pretrain import chunked_cross_entropy
+from danube.losses import chunked_cross_entropy
 from danube.model.attention import query_block, windowed_sdpa
 
 

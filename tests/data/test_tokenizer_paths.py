@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from danube.data.chat import encode_chat_prompt, hf_chat_template, render_chat, render_chat_prompt
-from danube.data.prepare import prepare
 from danube.data.preference import Pair, collate_pairs, tokenize_pairs
-from danube.data.sft import IGNORE, tokenize_conversation
+from danube.data.prepare import prepare
+from danube.data.sft import tokenize_conversation
 from danube.data.tokenizer import Tokenizer
 from danube.hf import to_hf
+from danube.losses import IGNORE
 from danube.model import DanubeConfig, build_model
 from danube.model.io import save_model_dir
 from tests.data.conftest import read_stream, split_docs, write_jsonl

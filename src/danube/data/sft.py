@@ -42,10 +42,10 @@ import torch
 
 from danube.data.chat import TrainingTokenizer, check_messages, encode_conversation
 from danube.data.records import ReadStats, RecordError, Rows, Schema, Source, as_source, text_field
+from danube.losses import IGNORE
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TRUNCATION = ("truncate", "drop")
 
