@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+from danube.data.finetune import hold_out
 from danube.data.sft import read_conversations, tokenize_conversations
 from danube.data.tokenizer import Tokenizer
 from danube.losses import token_loss_sum
 from danube.model.io import load_model_dir
 from danube.plot import read_scalars
-from danube.tasks.finetune import hold_out, run
+from danube.tasks.finetune import run
 from tests.chat.conftest import compose_finetune
 from tests.chat.hub_layouts import local_copy
 
@@ -104,7 +105,7 @@ def test_every_rank_validates_and_the_ranks_together_count_each_item_once(tiny_m
 
     from danube.data.sft import collate
     from danube.lit.sft import SFTModule
-    from danube.tasks.finetune import MicroBatches
+    from danube.data.finetune import MicroBatches
 
     tok = Tokenizer(tiny_model_dir)
     samples, _ = tokenize_conversations(tok, read_conversations(chat_files["messages"], "messages")[:7], 256)

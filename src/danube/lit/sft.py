@@ -4,7 +4,7 @@ Validation (a held-out set, see ``train.val_fraction``): ``val/loss`` is the sum
 loss of the whole set divided by its answer-token count, over all ranks together.
 
 Loss normalisation: each micro-batch carries ``step_loss_tokens``, the trained tokens of
-its whole optimizer step on all ranks (see :class:`danube.data.sft.StepBatches`). A
+its whole optimizer step on all ranks (see :class:`danube.data.finetune.StepBatches`). A
 micro-batch contributes ``sum of its token losses / step_loss_tokens``, so the
 accumulated gradient is that of one big batch's per-token mean, however the tokens fall
 into micro-batches. Lightning divides each micro-batch's loss by the accumulation count
