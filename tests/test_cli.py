@@ -7,7 +7,8 @@ import transformers
 
 from danube.cli import main
 from danube.model import build_model
-from danube.model.io import load_model_dir, save_model_dir
+from danube.model.io import save_model_dir
+from danube.model.loading import load_model
 
 
 def test_import_export_round_trip(micro_cfg, tmp_path):
@@ -17,7 +18,7 @@ def test_import_export_round_trip(micro_cfg, tmp_path):
     assert main(["export-hf", str(tmp_path / "native"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
-    back = load_model_dir(tmp_path / "back").eval()
+    back = load_model(tmp_path / "back").eval()
     ids = torch.randint(0, micro_cfg.vocab_size, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(back(ids), model(ids), atol=0, rtol=0)

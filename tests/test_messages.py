@@ -10,7 +10,8 @@ import yaml
 
 from danube.cli import main
 from danube.model import build_model
-from danube.model.io import check_model_dir, load_pretrained, save_model_dir
+from danube.model.io import check_model_dir, save_model_dir
+from danube.model.loading import load_model
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_a_fine_tuning_run_directory_is_named_as_such(tmp_path, micro_cfg):
     save_model_dir(build_model(micro_cfg), run / "model")
     (run / "metrics.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=f"is a fine-tuning run directory.*{run / 'model'}"):
-        load_pretrained(run)
+        load_model(run)
 
 
 def test_a_run_without_a_finished_stage_says_so(tmp_path):

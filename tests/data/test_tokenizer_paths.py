@@ -170,7 +170,7 @@ def test_markup_is_each_stretch_read_alone(case):
 
 
 def test_decoding_matches_hugging_face(case):
-    from danube.eval.loading import TextTokenizer
+    from danube.eval.inference import TextTokenizer
 
     ours, theirs = TextTokenizer(case.model_dir), TextTokenizer(case.hf_dir)
     for text in TEXTS:
@@ -249,7 +249,7 @@ def _prompts():
 
 
 def test_generation_prompts_are_apply_chat_template_with_a_generation_prompt(case):
-    from danube.eval.loading import TextTokenizer
+    from danube.eval.inference import TextTokenizer
     from danube.eval.mt_bench import encode_chat
 
     ours, theirs = TextTokenizer(case.model_dir), TextTokenizer(case.hf_dir)

@@ -145,7 +145,7 @@ def test_perplexity_suite_on_litdata_shards(model_dirs, tmp_path):
 
     import torch
 
-    from danube.model.io import load_model_dir
+    from danube.model.loading import load_model
     from tests.eval.shards import write_shards
 
     tokens = torch.randint(3, 1000, (4 * 33 + 5,), generator=torch.Generator().manual_seed(0))
@@ -155,7 +155,7 @@ def test_perplexity_suite_on_litdata_shards(model_dirs, tmp_path):
                f"output_path={out}", "device=cpu", "batch_size=3"))
     p = json.loads(out.read_text())["perplexity"]
     assert p["blocks"] == 4 and p["tokens"] == 4 * 32
-    model = load_model_dir(model_dirs[0])
+    model = load_model(model_dirs[0])
     blocks = tokens[: 4 * 33].view(4, 33)
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(model(blocks[:, :-1]).flatten(0, 1), blocks[:, 1:].flatten())

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from danube.eval.loading import TextTokenizer, load_for_eval
 from danube.data.chat import render_chat_prompt
+from danube.eval.inference import TextTokenizer, load_for_eval
 from danube.eval.mt_bench import encode_chat, load_questions
 from danube.model.generate import SamplingParams, generate
 from danube.tasks.evaluate import run

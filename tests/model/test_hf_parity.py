@@ -8,7 +8,8 @@ import transformers
 
 from danube.hf import config_to_hf, from_hf, to_hf
 from danube.model import DanubeConfig, build_model
-from danube.model.io import load_model_dir, save_model_dir
+from danube.model.io import save_model_dir
+from danube.model.loading import load_model
 
 T = 45  # > sliding_window=7: the window changes the logits
 
@@ -97,7 +98,7 @@ def test_native_model_dir_round_trip(micro_cfg, tmp_path):
     torch.manual_seed(0)
     model = build_model(micro_cfg).eval()
     save_model_dir(model, tmp_path / "m")
-    again = load_model_dir(tmp_path / "m").eval()
+    again = load_model(tmp_path / "m").eval()
     ids = tokens(micro_cfg)
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids), atol=0, rtol=0)
@@ -109,7 +110,7 @@ def test_checkpoint_of_another_shape_names_the_tensor(micro_cfg, tmp_path):
     cfg_file = tmp_path / "m" / "config.yaml"
     cfg_file.write_text(cfg_file.read_text().replace("intermediate_size: 96", "intermediate_size: 128"))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight"):
-        load_model_dir(tmp_path / "m")
+        load_model(tmp_path / "m")
 
 
 def test_unsupported_hf_architecture_is_named(tmp_path):
@@ -130,9 +131,7 @@ def test_backends_agree_in_the_full_model(micro_cfg):
         torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_load_pretrained_reads_both_formats(micro_cfg, tmp_path):
-    from danube.model.io import load_pretrained
-
+def test_load_model_reads_both_formats(micro_cfg, tmp_path):
     torch.manual_seed(0)
     model = build_model(micro_cfg).eval()
     save_model_dir(model, tmp_path / "native")
@@ -140,6 +139,6 @@ def test_load_pretrained_reads_both_formats(micro_cfg, tmp_path):
     ids = tokens(micro_cfg)
     with torch.no_grad():
         for path in ("native", "hf"):
-            torch.testing.assert_close(load_pretrained(tmp_path / path).eval()(ids), model(ids))
+            torch.testing.assert_close(load_model(tmp_path / path).eval()(ids), model(ids))
     with pytest.raises(FileNotFoundError, match="not a model directory; the model directories in it: .*native"):
-        load_pretrained(tmp_path)
+        load_model(tmp_path)

@@ -18,7 +18,8 @@ from danube.data.prepare import prepare
 from danube.data.sample import SOURCES
 from danube.lit.pretrain import PretrainModule
 from danube.model import build_model
-from danube.model.io import load_model_dir, read_config, save_model_dir
+from danube.model.io import read_config, save_model_dir
+from danube.model.loading import load_model
 from danube.plot import read_scalars
 from danube.schedule import lr_at
 from danube.tasks.train import model_config, run, validate
@@ -144,7 +145,7 @@ def test_module_starts_from_a_model_directory_exactly(tmp_path):
                             seq_len=64, init_from=str(saved))
     module.configure_model()
     module._start_from_model_dir(str(saved))
-    want = load_model_dir(saved).state_dict()
+    want = load_model(saved).state_dict()
     for name, value in module.model.state_dict().items():
         assert torch.equal(value, want[name]), name
     assert module.tokens_seen == 0 and module.source_tokens_total == []  # a fresh start: no tokens carried

@@ -70,9 +70,12 @@ def _check(cfg: DictConfig) -> tuple[str, DictConfig | None]:
     kind = suite.get("kind", "lm_eval") if suite else "lm_eval"
     if kind not in KINDS:
         raise ValueError(f"suite.kind={kind!r}; choose one of {KINDS}")
+    from danube.model.loading import resolve_device, resolve_dtype
     from danube.model.io import check_model_dir
 
     check_model_dir(cfg.model_path, "model_path")
+    resolve_device(cfg.device)  # the same values as `danube chat --device`: auto, cpu, cuda, cuda:N, mps
+    resolve_dtype(cfg.dtype)
     if kind == "lm_eval" and not suite and not cfg.get("tasks"):
         raise ValueError("give tasks=[task,...] or suite=danube_table1|open_llm_v1|perplexity|mt_bench")
     if suite and cfg.get("tasks"):
@@ -133,7 +136,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     elif kind == "perplexity":
         from danube.eval.perplexity import perplexity
 
-        model = _load_model_only(cfg)
+        from danube.model.loading import load_model
+
+        # Perplexity needs no tokenizer: the shards are token ids already.
+        model = load_model(cfg.model_path, device=cfg.device, dtype=cfg.dtype, what="model_path").eval()
         result["perplexity"] = perplexity(model, cfg.data_dir, int(cfg.seq_len), int(cfg.batch_size), cfg.get("max_blocks"))
         p = result["perplexity"]
         table = f"| Model | Data | seq_len | Tokens | Loss | Perplexity |\n|---|---|---:|---:|---:|---:|\n| {model_name} | {p['data_dir']} | {p['seq_len']} | {p['tokens']:,} | {p['loss']:.4f} | {p['perplexity']:.3f} |\n"
@@ -148,19 +154,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _load_model_only(cfg: DictConfig):
-    """Perplexity needs no tokenizer: the shards are token ids already."""
-    import torch
-
-    from danube.eval.loading import DTYPES
-    from danube.model.io import load_pretrained
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pretrained(cfg.model_path, device=device, dtype=DTYPES[cfg.dtype]).eval()
-
-
 def _mt_bench(cfg: DictConfig, model_name: str, out_path: Path, result: dict[str, Any]) -> str | None:
-    from danube.eval.loading import load_for_eval
+    from danube.eval.inference import load_for_eval
     from danube.data.records import write_jsonl
     from danube.eval.mt_bench import Judge, answer_questions, judge_answers, load_questions, tabulate
     from danube.eval.tables import mt_bench_table

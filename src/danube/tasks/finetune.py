@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from danube import logs, rundir
@@ -38,7 +37,8 @@ from danube.data.finetune import (LOSSES, ItemSettings, SourceData, build_items,
                                   micro_batches_per_step, step_plan)
 from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_dir, atomic_write_text
-from danube.model.io import check_model_dir, load_pretrained, save_model_dir, tokenizer_path
+from danube.model.io import check_model_dir, save_model_dir, tokenizer_path
+from danube.model.loading import load_model
 from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, world_size
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def load_tokenizer(cfg: DictConfig) -> Tokenizer:
 
 
 def build_model(cfg: DictConfig, tok: Tokenizer):
-    model = load_pretrained(cfg.model_dir, dtype=torch.float32)
+    model = load_model(cfg.model_dir, dtype="float32", what="model_dir")
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.model_file} has {tok.vocab_size} pieces but the model at {cfg.model_dir} "
                          f"embeds {model.cfg.vocab_size}: not this model's tokenizer")

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from danube import logs, rundir
 from danube.callbacks import StepBoundary, mean_validation_loss
-from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact, step_checkpoints
+from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact
 from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_write_text, remove_stale_temps
 from danube.model import DanubeConfig
