@@ -1,13 +1,12 @@
-"""Every YAML of every config group composes, and its objects instantiate."""
+"""Every YAML of every config group composes, and what it configures is built from it."""
 
 import subprocess
 import sys
 
 import pytest
-from hydra.utils import instantiate
 
 from danube.model import DanubeConfig
-from danube.tasks.train import stage_plans, validate
+from danube.tasks.train import model_config, stage_plans, validate
 from tests.conftest import CONF, REPO
 from tests.train.conftest import compose_train
 
@@ -26,7 +25,7 @@ def test_every_option_composes(group, option):
         if option == "multinode":  # 16 GPUs: ~1.18M does not divide by 16 x 16,384
             overrides += ["train.global_batch_tokens=1_048_576"]
     cfg = compose_train(overrides)
-    assert isinstance(instantiate(cfg.model), DanubeConfig)
+    assert isinstance(model_config(cfg), DanubeConfig)  # the one path from conf/model/*.yaml to the model
     assert stage_plans(cfg)  # the recipe divides into steps on this trainer
 
 

@@ -28,7 +28,7 @@ class PretrainModule(L.LightningModule):
     """Danube pretraining: AdamW, token-keyed cosine LR, chunked cross-entropy.
 
     Args:
-        model: ``DanubeConfig`` fields.
+        model: the architecture (a ``DanubeConfig``, or its fields; recorded in hparams as fields).
         optim: lr, min_lr, warmup_tokens, betas, eps, weight_decay, grad_clip, fused.
         total_tokens: tokens of the whole recipe (all stages): where the cosine ends.
         seq_len: this stage's sequence length (logged as ``train/seq_len``).
@@ -42,7 +42,7 @@ class PretrainModule(L.LightningModule):
 
     def __init__(
         self,
-        model: dict,
+        model: DanubeConfig | dict,
         optim: dict,
         *,
         total_tokens: int,
@@ -59,8 +59,9 @@ class PretrainModule(L.LightningModule):
         tokenizer_checksum: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.config = DanubeConfig.from_dict(model)
+        self.save_hyperparameters(ignore=["model"])
+        self.config = model if isinstance(model, DanubeConfig) else DanubeConfig.from_dict(model)
+        self.hparams["model"] = self.config.to_dict()  # plain values: checkpoints load with weights_only
         self.model = None
         self.tokens_seen = 0
         self.fp8_backend = fp8_backend(precision)

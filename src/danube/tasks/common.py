@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from danube.checkpoints import AtomicCheckpointIO
 from danube.errors import USER_ERRORS, MissingHardware
+from danube.model import DanubeConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,18 @@ TRAINER_PRECISIONS = ("32-true", "bf16-mixed")  # fp16 would need a loss scaler:
 
 def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def danube_config(model, where: str = "model") -> DanubeConfig:
+    """The one way from a ``model`` config (``conf/model/*.yaml`` and its overrides) to a :class:`DanubeConfig`.
+
+    ``model`` is the composed ``model`` node, a preset loaded with ``OmegaConf.load``, or a
+    plain mapping; a bad field or value is a ValueError naming ``where``.
+    """
+    try:
+        return DanubeConfig.from_dict(_plain(model))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
 
 
 def check_precision_config(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:

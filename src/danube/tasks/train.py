@@ -40,7 +40,8 @@ from danube.model import DanubeConfig
 from danube.model.attention import check_backend_available
 from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
 from danube.schedule import StagePlan, check_weights, format_mixture, format_plan, plan_stages
-from danube.tasks.common import build_trainer, check_trainer_config, peak_flops, resolve_run_dir, world_size
+from danube.tasks.common import (build_trainer, check_trainer_config, danube_config, peak_flops, resolve_run_dir,
+                                 world_size)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,12 @@ FINAL_CKPT = "final.ckpt"
 # What a run directory's recorded config is compared on (see danube.rundir.check_changes).
 IDENTITY_KEYS = ("model", "data", "recipe", "seed", "init_from", "train.global_batch_tokens",
                  "train.micro_batch_tokens", "trainer.devices", "trainer.num_nodes")
-COSMETIC_KEYS = ("model.attn_backend", "model._target_", "data.num_workers", "data.root", "train.log_every_n_steps",
+COSMETIC_KEYS = ("model.attn_backend", "data.num_workers", "data.root", "train.log_every_n_steps",
                  "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
                  "train.keep_checkpoints", "train.compile", "train.activation_checkpointing",
                  "train.loss_chunk_tokens", "train.max_steps", "perf", "verbose")
-IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths")
+# model._target_: recorded by runs made before the model presets lost it (nothing ever instantiated it).
+IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths", "model._target_")
 
 # The keys each section may have: a misspelt one (`+train.lrr=1`) is an error, not ignored.
 TRAIN_KEYS = {"global_batch_tokens", "micro_batch_tokens", "log_every_n_steps", "val_every_n_steps", "val_batches",
@@ -97,12 +99,7 @@ def selected_stages(cfg: DictConfig, plans: list[StagePlan]) -> list[StagePlan]:
 
 def model_config(cfg: DictConfig) -> DanubeConfig:
     """The model section as a DanubeConfig; its validation errors name the ``model`` group."""
-    values = OmegaConf.to_container(cfg.model, resolve=True)
-    values.pop("_target_", None)
-    try:
-        return DanubeConfig.from_dict(values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"model (conf/model/{model_choice(cfg)}.yaml + overrides): {err}") from err
+    return danube_config(cfg.model, f"model (conf/model/{model_choice(cfg)}.yaml + overrides)")
 
 
 def model_choice(cfg: DictConfig) -> str:
@@ -161,7 +158,12 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> list[StagePlan]:
-    """Every check that can fail, before any data is read or any weight is built."""
+    """Every check that can fail, before any data is read or any weight is built; returns the stage plans."""
+    return checked(cfg)[0]
+
+
+def checked(cfg: DictConfig) -> tuple[list[StagePlan], DanubeConfig]:
+    """:func:`validate`'s checks; returns the stage plans and the run's one DanubeConfig."""
     if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere; a run needs its hardware first
         check_trainer_config(cfg.trainer, cfg.precision)
         check_backend_available(str(cfg.model.get("attn_backend", "auto")), str(cfg.trainer.accelerator))
@@ -178,7 +180,7 @@ def validate(cfg: DictConfig) -> list[StagePlan]:
     check_mixtures(cfg, plans)
     if not cfg.plan and cfg.get("init_from"):
         check_init_from(Path(cfg.init_from), model_cfg)
-    return plans
+    return plans, model_cfg
 
 
 def source_names(cfg: DictConfig) -> list[str] | None:
@@ -469,14 +471,13 @@ def recorded_config(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> dict
 
 def run(cfg: DictConfig) -> TrainResult | None:
     """Train the selected stage(s). With ``plan=true``, print the schedule and return None."""
-    plans = validate(cfg)
+    plans, model_cfg = checked(cfg)
     if cfg.plan:
         o = cfg.optim
         print(format_plan(plans, lr=o.lr, min_lr=o.min_lr, warmup_tokens=int(o.warmup_tokens),
                           tokens_per_sec=float(cfg.plan_tokens_per_sec), world_size=world_size(cfg.trainer),
                           global_batch_tokens=int(cfg.train.global_batch_tokens)))
         return None
-    model_cfg = model_config(cfg)
     sources, weights, tokenizer = prepare_data(cfg)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
@@ -513,19 +514,19 @@ def _run_locked(cfg: DictConfig, plans: list[StagePlan], run_dir: Path, model_cf
         entry = rundir.record_invocation(run_dir, recorded_config(cfg, tokenizer), changes)
         log_file = logs.log_to_file(run_dir / "logs" / f"{entry.stem}.log")
     try:
-        return _train_stages(cfg, plans, selected, run_dir, sources, weights, tokenizer, log_file)
+        return _train_stages(cfg, plans, selected, run_dir, model_cfg, sources, weights, tokenizer, log_file)
     finally:
         if log_file is not None:
             logs.close_file(log_file)
 
 
-def _train_stages(cfg, plans, selected, run_dir, sources, weights, tokenizer, log_file) -> TrainResult:
+def _train_stages(cfg, plans, selected, run_dir, model_cfg, sources, weights, tokenizer, log_file) -> TrainResult:
     L.seed_everything(int(cfg.seed), workers=True)
     start = time.perf_counter()
     total_tokens = plans[-1].end_tokens
     result, done, trained = None, [], 0
     for plan in selected:
-        result = run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer)
+        result = run_stage(cfg, plan, plans, run_dir, total_tokens, model_cfg, sources, weights, tokenizer)
         trained += result.trained_now
         if not result.complete:
             break
@@ -563,7 +564,7 @@ def tokens_at_step(plan: StagePlan, step: int, global_batch_tokens: int) -> int:
     return plan.start_tokens + step * global_batch_tokens
 
 
-def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer) -> TrainResult:
+def run_stage(cfg, plan, plans, run_dir, total_tokens, model_cfg, sources, weights, tokenizer) -> TrainResult:
     from danube.data.pretrain import PretrainDataModule
 
     stage_dir = run_dir / plan.name
@@ -590,7 +591,7 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
         seed=int(cfg.seed) + plan.index, num_workers=int(cfg.data.num_workers),
         tokenizer_checksum=tokenizer.checksum, val_batches=cfg.train.val_batches, world_size=world_size(cfg.trainer),
     )
-    module = build_module(cfg, plan, total_tokens, init_from, tokenizer, list(sources))
+    module = build_module(cfg, model_cfg, plan, total_tokens, init_from, tokenizer, list(sources))
     # A resumed (or restarted) stage logs its steps again: hide what an earlier attempt logged after its checkpoint.
     events = any((run_dir / "tensorboard" / plan.name).glob("events.out.tfevents.*"))
     purge = tokens_at_step(plan, resumed_step, int(cfg.train.global_batch_tokens)) + 1 if events else None
@@ -655,12 +656,10 @@ def link_final(last: Path, final: Path) -> None:
             shutil.copyfile(last, tmp)
 
 
-def build_module(cfg, plan: StagePlan, total_tokens: int, init_from: str | None, tokenizer: Tokenizer,
-                 source_names: list[str]):
+def build_module(cfg, model_cfg: DanubeConfig, plan: StagePlan, total_tokens: int, init_from: str | None,
+                 tokenizer: Tokenizer, source_names: list[str]):
     from danube.lit.pretrain import PretrainModule
 
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("_target_", None)
     return PretrainModule(
         model=model_cfg,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
