@@ -64,6 +64,21 @@ def check_weights(weights: dict, where: str) -> None:
         raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, got {weights}")
 
 
+def check_mixture(weights: dict, sources: list[str] | None, where: str, sources_are: str = "the data sources") -> None:
+    """A data mixture for ``sources``: exactly their names (when known), numbers >= 0 with a positive sum.
+
+    The one check of a mixture: ``train.py`` makes it for ``data.weights`` and every stage's
+    ``weights`` before any data is read; :class:`danube.data.pretrain.PretrainDataModule`
+    for the mixture it is given.
+    """
+    if sources is not None:
+        unknown, missing = sorted(set(weights) - set(sources)), sorted(set(sources) - set(weights))
+        if unknown or missing:
+            raise ValueError(f"{where} name {sorted(weights)} but {sources_are} are {list(sources)}: unknown {unknown}, "
+                             f"missing {missing} (a source the stage does not use gets weight 0)")
+    check_weights(weights, where)
+
+
 def plan_stages(
     stages: list[dict], *, global_batch_tokens: int, micro_batch_tokens: int, world_size: int
 ) -> list[StagePlan]:

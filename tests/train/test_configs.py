@@ -78,6 +78,7 @@ def test_plan_prints_the_schedule_without_a_gpu():
         (["trainer=h100x1"], RuntimeError, "no CUDA device"),
         (["precision=fp8"], RuntimeError, "precision=fp8 needs a CUDA GPU"),
         (["model.n_kv_head=3"], ValueError, "not a multiple of n_kv_head"),
+        (["data.kind=parquet"], ValueError, "data.kind='parquet'; allowed: sample, sample_sources, shards"),
     ],
 )
 def test_bad_config_fails_before_any_work(overrides, error, message):

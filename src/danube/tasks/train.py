@@ -39,7 +39,7 @@ from danube.files import atomic_write_text, remove_stale_temps
 from danube.model import DanubeConfig
 from danube.model.attention import check_backend_available
 from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
-from danube.schedule import StagePlan, check_weights, format_mixture, format_plan, plan_stages
+from danube.schedule import StagePlan, check_mixture, format_mixture, format_plan, plan_stages
 from danube.tasks.common import (build_trainer, check_trainer_config, danube_config, peak_flops, resolve_run_dir,
                                  world_size)
 
@@ -183,17 +183,27 @@ def checked(cfg: DictConfig) -> tuple[list[StagePlan], DanubeConfig]:
     return plans, model_cfg
 
 
+DATA_KINDS = ("sample", "sample_sources", "shards")
+
+
+def data_kind(cfg: DictConfig) -> str:
+    """``data.kind``: the embedded sample, the sample split by source, or prepared shards."""
+    kind = cfg.data.kind
+    if kind not in DATA_KINDS:
+        raise ValueError(f"data.kind={kind!r}; allowed: {', '.join(DATA_KINDS)}")
+    return kind
+
+
 def source_names(cfg: DictConfig) -> list[str] | None:
     """The data sources' names, read from the config alone (None if they are not given yet)."""
     data = cfg.data
-    if data.kind == "sample":
+    kind = data_kind(cfg)
+    if kind == "sample":
         return ["sample"]
-    if data.kind == "sample_sources":
+    if kind == "sample_sources":
         from danube.data.sample import SOURCES
 
         return list(SOURCES)
-    if data.kind != "shards":
-        raise ValueError(f"data.kind={data.kind!r}; allowed: sample, sample_sources, shards")
     if OmegaConf.is_missing(data, "sources") or data.sources is None:
         return None
     if OmegaConf.is_dict(data.sources):
@@ -208,29 +218,19 @@ def _plain(value):
 
 def _named_dirs(sources: str | list[str]) -> dict[str, str]:
     """A directory or a list of them, named after their last path component (as PretrainDataModule does)."""
-    from danube.data.pretrain import _source_dict
+    from danube.data.pretrain import named_sources
 
-    return {name: str(d) for name, d in _source_dict(sources).items()}
+    return {name: str(d) for name, d in named_sources(sources).items()}
 
 
 def check_mixtures(cfg: DictConfig, plans: list[StagePlan]) -> None:
     """``data.weights`` and every stage's ``weights`` must name exactly the data sources."""
     names = source_names(cfg)
-    if names is None:
-        return
     mixtures = [("data.weights", cfg.data.get("weights"))]
     mixtures += [(f"recipe stage {p.name!r} weights", p.weights) for p in plans]
     for where, weights in mixtures:
-        if not weights:
-            continue
-        weights = dict(weights)
-        unknown, missing = sorted(set(weights) - set(names)), sorted(set(names) - set(weights))
-        if unknown or missing:
-            raise ValueError(
-                f"{where} name {sorted(weights)} but the data sources (data={data_choice(cfg)}) are {names}: "
-                f"unknown {unknown}, missing {missing} (a source the stage does not use gets weight 0)"
-            )
-        check_weights(weights, where)
+        if weights:
+            check_mixture(dict(weights), names, where, f"the data sources (data={data_choice(cfg)})")
 
 
 def data_choice(cfg: DictConfig) -> str:
@@ -277,18 +277,17 @@ def prepare_data(cfg: DictConfig) -> tuple[dict[str, str], dict[str, float] | No
     """Sources, weights and tokenizer; the embedded sample is built on first use."""
     data = cfg.data
     weights = OmegaConf.to_container(data.weights, resolve=True) if data.get("weights") else None
-    if data.kind == "sample":
+    kind = data_kind(cfg)
+    if kind == "sample":
         from danube.data.sample import ensure_sample_data
 
         tok_path, shard_dir = ensure_sample_data(data.root, vocab_size=int(data.vocab_size))
         return {"sample": str(shard_dir)}, weights, Tokenizer(tok_path)
-    if data.kind == "sample_sources":
+    if kind == "sample_sources":
         from danube.data.sample import ensure_sample_sources
 
         tok_path, dirs = ensure_sample_sources(data.root, vocab_size=int(data.vocab_size))
         return {name: str(d) for name, d in dirs.items()}, weights, Tokenizer(tok_path)
-    if data.kind != "shards":
-        raise ValueError(f"data.kind={data.kind!r}; allowed: sample, sample_sources, shards")
     sources = _plain(data.sources)
     if not isinstance(sources, dict):
         sources = _named_dirs(sources)
