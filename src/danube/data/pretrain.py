@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -400,11 +399,3 @@ class PretrainDataModule(L.LightningDataModule):
         else:
             self._pending_state = state
 
-    def describe(self) -> str:
-        """One line per source: directory, weight and training tokens (for the run log)."""
-        lines = []
-        for name, directory in self.sources.items():
-            tokens = self.manifests.get(name, {}).get("totals", {}).get("train", {}).get("tokens", math.nan)
-            weight = (self.weights or {}).get(name, math.nan)
-            lines.append(f"{name}: {directory} weight {weight:.3f}, {tokens:,} train tokens")
-        return "\n".join(lines)

@@ -253,7 +253,7 @@ def _run_locked(cfg: DictConfig, sources, tok: Tokenizer, ws: int, accumulate: i
         warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`")
         trainer.fit(module, datamodule=data)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if val_items and module.last_val_step != trainer.global_step and trainer.limit_val_batches != 0:
+    if val_items and module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=data, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     if val_items:
