@@ -40,8 +40,8 @@ from danube.model import DanubeConfig
 from danube.model.attention import check_backend_available
 from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
 from danube.schedule import StagePlan, check_mixture, format_mixture, format_plan, plan_stages
-from danube.tasks.common import (build_trainer, check_trainer_config, danube_config, peak_flops, resolve_run_dir,
-                                 world_size)
+from danube.tasks.common import (build_trainer, check_trainer_config, danube_config, hydra_mode_is_multirun, peak_flops,
+                                 resolve_run_dir, world_size)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,25 @@ def check_values(cfg: DictConfig) -> None:
         raise ValueError(f"optim.fused={o.fused!r}; allowed: auto, true, false")
 
 
+def check_multirun_job(cfg: DictConfig) -> None:
+    """In a multirun (a sweep), refuse the settings that would make jobs share or break their runs."""
+    if not hydra_mode_is_multirun():
+        return
+    if cfg.get("run_dir"):
+        raise ValueError(
+            f"run_dir={cfg.run_dir} in a multirun: every job would write (and resume) the same directory. "
+            "Leave run_dir unset, each job then runs in hydra.sweep.dir/<job number>; move the sweep with "
+            "hydra.sweep.dir=PATH"
+        )
+    if world_size(cfg.trainer) > 1:
+        raise ValueError(
+            f"trainer has {world_size(cfg.trainer)} devices in a multirun: Lightning starts one process per extra "
+            "device by re-running this command line, -m included, so each would start the whole sweep. "
+            "Sweep with one device per job (trainer=h100x1); for several GPUs run one sweep per GPU "
+            "(CUDA_VISIBLE_DEVICES, each with its own hydra.sweep.dir)"
+        )
+
+
 def validate(cfg: DictConfig) -> list[StagePlan]:
     """Every check that can fail, before any data is read or any weight is built; returns the stage plans."""
     return checked(cfg)[0]
@@ -164,6 +183,7 @@ def validate(cfg: DictConfig) -> list[StagePlan]:
 
 def checked(cfg: DictConfig) -> tuple[list[StagePlan], DanubeConfig]:
     """:func:`validate`'s checks; returns the stage plans and the run's one DanubeConfig."""
+    check_multirun_job(cfg)
     if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere; a run needs its hardware first
         check_trainer_config(cfg.trainer, cfg.precision)
         check_backend_available(str(cfg.model.get("attn_backend", "auto")), str(cfg.trainer.accelerator))
