@@ -141,5 +141,5 @@ def test_chat_console_keeps_the_conversation(model_dirs):
 
 def _cfg(model_dir, questions, out, *extra):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("evaluate", overrides=[f"model_path={model_dir}", "suite=mt_bench", f"questions={questions}",
+        return compose("evaluate", overrides=[f"model_dir={model_dir}", "suite=mt_bench", f"questions={questions}",
                                               f"output_path={out}", "device=cpu", "model_name=tiny", *extra])

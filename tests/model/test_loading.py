@@ -60,7 +60,7 @@ def test_evaluate_and_the_console_commands_accept_and_refuse_the_same_devices(di
 
     _, native, _ = dirs
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"model_path={native}", "tasks=[arc_easy]", "device=gpu"])
+        cfg = compose("evaluate", overrides=[f"model_dir={native}", "tasks=[arc_easy]", "device=gpu"])
     with pytest.raises(ValueError) as from_evaluate:
         run(cfg)
     assert main(["generate", str(native), "hello", "--device", "gpu"]) == 1

@@ -84,3 +84,12 @@ def test_plan_prints_the_schedule_without_a_gpu():
 def test_bad_config_fails_before_any_work(overrides, error, message):
     with pytest.raises(error, match=message):
         validate(compose_train(overrides))
+
+
+def test_the_old_name_of_model_dir_still_works_with_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="danube.tasks.common"):
+        with pytest.raises(FileNotFoundError, match=f"model_dir={tmp_path / 'nope'}: no such directory"):
+            validate(compose_train([f"init_from={tmp_path / 'nope'}"]))
+    assert "train.py: init_from= is deprecated and goes in the next release; use model_dir=" in caplog.text
+    with pytest.raises(ValueError, match="init_from=a and model_dir=b: init_from is the old name of model_dir"):
+        validate(compose_train(["init_from=a", "model_dir=b"]))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from danube import rundir
@@ -242,6 +243,12 @@ def test_changing_what_makes_the_run_is_refused_and_nothing_is_rewritten(small_r
     assert (tmp_path / "run" / "config.yaml").read_text() == config
     assert len(list((tmp_path / "run" / "history").glob("*.yaml"))) == 1
     run(compose_train([*small_run, "train.log_every_n_steps=2"]))  # cosmetic: fine on a finished run
+    # What the previous release recorded: init_from (now model_dir) and model._target_. The same run still.
+    old = yaml.safe_load(config)
+    old["init_from"] = old.pop("model_dir")
+    old["model"]["_target_"] = "danube.model.DanubeConfig"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert run(compose_train(small_run)).complete
 
 
 def test_an_unfinished_run_takes_a_new_lr_and_records_it(small_run, tmp_path):

@@ -321,7 +321,7 @@ class PretrainModule(L.LightningModule):
         from danube.model.io import check_state_dict, read_weights
 
         state = read_weights(path)  # checksum-verified, finite
-        check_state_dict(self.model, state, f"init_from={path}")
+        check_state_dict(self.model, state, f"model_dir={path}")
         # Not strict: TE's `_extra_state` and a tied lm_head are not in the file (checked just above).
         self.model.load_state_dict(state, strict=False)
         log.info("started from the weights of model directory %s (fresh optimizer, 0 tokens)", path)

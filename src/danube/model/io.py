@@ -207,7 +207,7 @@ def check_model_dir(path: str | Path, what: str = "", hf: bool = True) -> Path:
 
     The error says what ``path`` is instead: missing, a file, or a run directory, naming
     the model directories inside it (``runs/tiny`` -> ``runs/tiny/seq256/model``).
-    ``what`` names the option it came from (``model_path``) for the message.
+    ``what`` names the option it came from (``model_dir``) for the message.
     """
     path = Path(path)
     if is_model_dir(path) or (hf and is_hf_dir(path)):

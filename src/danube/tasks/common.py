@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -10,11 +11,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from danube.checkpoints import AtomicCheckpointIO
 from danube.errors import USER_ERRORS, MissingHardware
@@ -52,6 +53,44 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     if not name:
         name = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
     return Path(cfg.paths.runs_dir) / str(name or "run")
+
+
+def current_names(cfg: DictConfig, renamed: Mapping[str, str], script: str) -> DictConfig:
+    """``cfg`` with the keys renamed in this release under their new names; the old names still work, with a warning.
+
+    ``renamed`` maps old to new (``{"init_from": "model_dir"}``). When an old key is set,
+    its value goes to the new key and a warning names the new key; giving both with
+    different values is an error. The returned copy has no old key, so the config a run
+    records holds the new names only. Idempotent: a config without old keys is returned as is.
+    """
+    present = [old for old in renamed if old in cfg]
+    if not present:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for old in present:
+            new = renamed[old]
+            value = None if OmegaConf.is_missing(cfg, old) else cfg[old]
+            if value is not None:
+                theirs = None if OmegaConf.is_missing(cfg, new) else cfg.get(new)
+                if theirs is not None and theirs != value:
+                    raise ValueError(f"{old}={value} and {new}={theirs}: {old} is the old name of {new}; give {new} only")
+                log.warning("%s: %s= is deprecated and goes in the next release; use %s=%s", script, old, new, value)
+                cfg[new] = value
+            del cfg[old]
+    return cfg
+
+
+def current_recorded(recorded: dict | None, renamed: Mapping[str, str]) -> dict | None:
+    """A run directory's recorded config with the old key names (written by earlier releases) under the new ones."""
+    if not recorded:
+        return recorded
+    recorded = dict(recorded)
+    for old, new in renamed.items():
+        if old in recorded:
+            value = recorded.pop(old)
+            recorded.setdefault(new, value)
+    return recorded
 
 
 def world_size(trainer_cfg: DictConfig) -> int:

@@ -14,7 +14,7 @@ Run directory layout::
 
 A stage may set its own data mixture (``weights: {source: share}`` in the recipe; default
 ``data.weights``), and the first stage may start from a model directory's weights
-(``init_from``: fresh optimizer, tokens 0) as H2O-Danube2 started from H2O-Danube-1.8B.
+(``model_dir``: fresh optimizer, tokens 0) as H2O-Danube2 started from H2O-Danube-1.8B.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from danube.model import DanubeConfig
 from danube.model.attention import check_backend_available
 from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
 from danube.schedule import StagePlan, check_mixture, format_mixture, format_plan, plan_stages
-from danube.tasks.common import (build_trainer, check_trainer_config, danube_config, hydra_mode_is_multirun, peak_flops,
-                                 resolve_run_dir, world_size)
+from danube.tasks.common import (build_trainer, check_trainer_config, current_names, current_recorded, danube_config,
+                                 hydra_mode_is_multirun, peak_flops, resolve_run_dir, world_size)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ COMPLETE_FILE = "complete.json"
 FINAL_CKPT = "final.ckpt"
 
 # What a run directory's recorded config is compared on (see danube.rundir.check_changes).
-IDENTITY_KEYS = ("model", "data", "recipe", "seed", "init_from", "train.global_batch_tokens",
+IDENTITY_KEYS = ("model", "data", "recipe", "seed", "model_dir", "train.global_batch_tokens",
                  "train.micro_batch_tokens", "trainer.devices", "trainer.num_nodes")
 COSMETIC_KEYS = ("model.attn_backend", "data.num_workers", "data.root", "train.log_every_n_steps",
                  "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
@@ -59,13 +59,16 @@ COSMETIC_KEYS = ("model.attn_backend", "data.num_workers", "data.root", "train.l
 # model._target_: recorded by runs made before the model presets lost it (nothing ever instantiated it).
 IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths", "model._target_")
 
+# Keys renamed in this release (old -> new): the old names work, with a warning, until the next.
+RENAMED = {"init_from": "model_dir"}
+
 # The keys each section may have: a misspelt one (`+train.lrr=1`) is an error, not ignored.
 TRAIN_KEYS = {"global_batch_tokens", "micro_batch_tokens", "log_every_n_steps", "val_every_n_steps", "val_batches",
               "checkpoint_every_n_steps", "keep_checkpoints", "max_steps", "compile", "activation_checkpointing",
               "loss_chunk_tokens"}
 OPTIM_KEYS = {"lr", "min_lr", "warmup_tokens", "betas", "eps", "weight_decay", "grad_clip", "fused"}
 TOP_KEYS = {"model", "data", "optim", "recipe", "stage", "trainer", "precision", "paths", "name", "run_dir", "resume",
-            "init_from", "seed", "plan", "plan_tokens_per_sec", "train", "perf", "verbose"}
+            "model_dir", "seed", "plan", "plan_tokens_per_sec", "train", "perf", "verbose"}
 
 
 @dataclass
@@ -183,6 +186,7 @@ def validate(cfg: DictConfig) -> list[StagePlan]:
 
 def checked(cfg: DictConfig) -> tuple[list[StagePlan], DanubeConfig]:
     """:func:`validate`'s checks; returns the stage plans and the run's one DanubeConfig."""
+    cfg = current_names(cfg, RENAMED, "train.py")
     check_multirun_job(cfg)
     if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere; a run needs its hardware first
         check_trainer_config(cfg.trainer, cfg.precision)
@@ -198,8 +202,8 @@ def checked(cfg: DictConfig) -> tuple[list[StagePlan], DanubeConfig]:
         if p.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"stage {p.name}: seq_len={p.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     check_mixtures(cfg, plans)
-    if not cfg.plan and cfg.get("init_from"):
-        check_init_from(Path(cfg.init_from), model_cfg)
+    if not cfg.plan and cfg.get("model_dir"):
+        check_start_model(Path(cfg.model_dir), model_cfg)
     return plans, model_cfg
 
 
@@ -259,8 +263,8 @@ def data_choice(cfg: DictConfig) -> str:
     return HydraConfig.get().runtime.choices.get("data", "?") if HydraConfig.initialized() else str(cfg.data.kind)
 
 
-def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
-    """``init_from`` must be a model directory whose tensors have the configured model's shapes.
+def check_start_model(path: Path, model_cfg: DanubeConfig) -> None:
+    """``model_dir`` must be a model directory whose tensors have the configured model's shapes.
 
     Only the safetensors header is read: a 1.8B directory is checked in milliseconds.
     """
@@ -269,25 +273,25 @@ def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
     from danube.model import build_model
     from danube.model.io import WEIGHTS_FILE, CorruptFileError
 
-    check_model_dir(path, "init_from", hf=False)
+    check_model_dir(path, "model_dir", hf=False)
     if tokenizer_path(path) is None:
         raise FileNotFoundError(
-            f"init_from={path} has no tokenizer.model: the run cannot check that its data uses the model's tokenizer"
+            f"model_dir={path} has no tokenizer.model: the run cannot check that its data uses the model's tokenizer"
         )
     try:
         with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
             shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise CorruptFileError(f"corrupt file {path / WEIGHTS_FILE}: not a readable safetensors file ({err})") from err
-    check_state_dict(build_model(model_cfg, device="meta"), shapes, f"init_from={path}")
+    check_state_dict(build_model(model_cfg, device="meta"), shapes, f"model_dir={path}")
 
 
-def check_init_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
+def check_start_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
     """The data must be tokenized with the model directory's tokenizer (after `danube swap-tokenizer`)."""
     theirs = Tokenizer(tokenizer_path(path))
     if theirs.checksum != tokenizer.checksum:
         raise ValueError(
-            f"init_from={path} was trained with the tokenizer {theirs.model_file} (sha256 {theirs.checksum[:12]}...) "
+            f"model_dir={path} was trained with the tokenizer {theirs.model_file} (sha256 {theirs.checksum[:12]}...) "
             f"but this run's data uses {tokenizer.model_file} (sha256 {tokenizer.checksum[:12]}...): run "
             f"`danube swap-tokenizer {path} {tokenizer.model_file} NEW_DIR` and start from NEW_DIR"
         )
@@ -394,7 +398,7 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_dir: Path) -> tuple[str | None, str | None]:
-    """(ckpt_path to resume this stage from, what to start from: the previous stage's final checkpoint or init_from)."""
+    """(ckpt_path to resume this stage from, what to start from: the previous stage's final checkpoint or model_dir)."""
     resume = str(cfg.resume)
     if resume not in RESUME_CHOICES and resume_stage(cfg, plans) == plan.name:
         return resume, None
@@ -403,7 +407,7 @@ def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_di
         if found is not None:
             return str(found[1]), None
     if plan.index == 0:
-        return None, (str(cfg.init_from) if cfg.get("init_from") else None)
+        return None, (str(cfg.model_dir) if cfg.get("model_dir") else None)
     prev = plans[plan.index - 1]
     final = run_dir / prev.name / FINAL_CKPT
     if not final.is_file():
@@ -490,6 +494,7 @@ def recorded_config(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> dict
 
 def run(cfg: DictConfig) -> TrainResult | None:
     """Train the selected stage(s). With ``plan=true``, print the schedule and return None."""
+    cfg = current_names(cfg, RENAMED, "train.py")
     plans, model_cfg = checked(cfg)
     if cfg.plan:
         o = cfg.optim
@@ -503,8 +508,8 @@ def run(cfg: DictConfig) -> TrainResult | None:
             f"tokenizer {tokenizer.model_file} has {tokenizer.vocab_size} pieces but model.vocab_size="
             f"{model_cfg.vocab_size}: the embedding must cover every id"
         )
-    if cfg.get("init_from"):
-        check_init_tokenizer(Path(cfg.init_from), tokenizer)
+    if cfg.get("model_dir"):
+        check_start_tokenizer(Path(cfg.model_dir), tokenizer)
     run_dir = resolve_run_dir(cfg)
     with rundir.lock(run_dir):
         return _run_locked(cfg, plans, run_dir, model_cfg, sources, weights, tokenizer)
@@ -514,7 +519,7 @@ def _run_locked(cfg: DictConfig, plans: list[StagePlan], run_dir: Path, model_cf
                 tokenizer: Tokenizer) -> TrainResult:
     selected = selected_stages(cfg, plans)
     check_fresh_run_dir(cfg, run_dir)
-    recorded = rundir.read_recorded(run_dir)
+    recorded = current_recorded(rundir.read_recorded(run_dir), RENAMED)
     finished = all(read_complete(run_dir / p.name) is not None for p in selected)
     changes = rundir.check_changes(run_dir, recorded, recorded_config(cfg), identity=IDENTITY_KEYS,
                                    cosmetic=COSMETIC_KEYS, ignore=IGNORED_KEYS + ("data.tokenizer_sha256",),
