@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from danube.data.preference import collate_pairs, read_pairs, tokenize_pairs
 from danube.data.sft import collate, read_conversations, tokenize_conversation
@@ -14,7 +15,7 @@ from danube.losses import sequence_logps, token_loss_sum
 from danube.model.loading import load_model
 from danube.tasks.finetune import run
 from tests.chat.conftest import compose_finetune
-from tests.conftest import REPO
+from tests.conftest import CONF, REPO
 
 CPU = ["trainer=cpu", "precision=fp32", "export_hf=false", "train.max_seq_len=256", "train.log_every_n_steps=1"]
 
@@ -88,6 +89,9 @@ def test_config_errors_come_before_any_work(tiny_model_dir, chat_files, tmp_path
     base = CPU + [f"model_dir={tiny_model_dir}", f"run_dir={tmp_path / 'x'}"]
     with pytest.raises(ValueError, match="no chat_data chosen"):
         run(compose_finetune(base))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # as under @hydra.main: its config sources
+        with pytest.raises(ValueError, match=r"pass chat_data=NAME \(danube_dpo, danube_sft, messages, .*ultrachat\)"):
+            run(compose("finetune", overrides=base))
     with pytest.raises(ValueError, match="format='metamath' is not dpo data"):
         run(compose_finetune(base + ["loss=dpo", "chat_data=metamathqa",
                                      f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))

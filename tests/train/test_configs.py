@@ -47,7 +47,7 @@ def test_experiments_compose():
 
     # finetune.py's experiments are composed in tests/chat/test_finetune.py.
     for option in options("experiment"):
-        if experiment_owner(option) == "train":
+        if experiment_owner(option, CONF) == "train":
             compose_train([f"experiment={option}"])
 
 

@@ -93,6 +93,20 @@ def current_recorded(recorded: dict | None, renamed: Mapping[str, str]) -> dict 
     return recorded
 
 
+def group_options(group: str) -> list[str]:
+    """The options of config group ``group`` in the configs Hydra composes this run from; [] outside Hydra.
+
+    Hydra's config loader knows its sources (the checkout's ``conf/``, or any other search
+    path): no path is guessed from where this file lies.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance()
+    if not hydra.is_initialized():
+        return []
+    return sorted(hydra.config_loader().get_group_options(group))
+
+
 def world_size(trainer_cfg: DictConfig) -> int:
     devices = trainer_cfg.devices
     if devices in ("auto", -1):

@@ -39,7 +39,7 @@ from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_dir, atomic_write_text
 from danube.model.io import check_model_dir, save_model_dir, tokenizer_path
 from danube.model.loading import load_model
-from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, world_size
+from danube.tasks.common import build_trainer, check_trainer_config, group_options, resolve_run_dir, world_size
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ SOURCE_OPTIONS = ("format", "lang", "val_split")
 
 def _sources(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if cfg.get("chat_data") is None:
-        options = sorted(p.stem for p in (Path(__file__).resolve().parents[3] / "conf" / "chat_data").glob("*.yaml"))
+        options = group_options("chat_data")
         raise ValueError(f"no chat_data chosen: pass chat_data=NAME ({', '.join(options) or 'see conf/chat_data/'})")
     sources = OmegaConf.to_container(cfg.chat_data.sources, resolve=True)
     if not isinstance(sources, dict) or not sources:
