@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from danube.cli import main
+from danube.cli import COMMANDS, command, main
 from danube.model import build_model
 from danube.model.io import save_model_dir
 from danube.model.loading import load_model
@@ -23,6 +23,18 @@ def test_import_export_round_trip(micro_cfg, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(ids), model(ids), atol=0, rtol=0)
         torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_resolves_to_a_function_with_its_own_help(name, capsys):
+    """A typo in COMMANDS (module or function) fails here, not in a user's terminal."""
+    run = command(name)
+    assert callable(run)
+    try:
+        code = run(["--help"])
+    except SystemExit as done:  # argparse's way
+        code = done.code
+    assert code == 0 and capsys.readouterr().out.startswith(f"usage: danube {name} ")
 
 
 def test_console_script_lists_commands():
