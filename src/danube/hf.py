@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from danube.files import atomic_dir, check_output_dir
 from danube.model import Danube, DanubeConfig
-from danube.model.hf_io import SUPPORTED, config_from_hf, from_hf
+from danube.model.hf_io import HF_NAMES, SUPPORTED, config_from_hf, from_hf
 from danube.model.io import CHAT_TEMPLATE_FILE, GENERATION_FILE, saved_state
 
 __all__ = ["REPORT_GENERATION", "SUPPORTED", "config_from_hf", "config_to_hf", "from_hf", "generation_config", "to_hf"]
@@ -40,24 +40,8 @@ def config_to_hf(cfg: DanubeConfig, dtype: torch.dtype = torch.float32):
     """The ``transformers`` config: Mistral when there is a window, Llama otherwise."""
     from transformers import LlamaConfig, MistralConfig
 
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.n_embd,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_kv_head,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.init_std,
-        hidden_act="silu",
-        bos_token_id=1,
-        eos_token_id=2,
-        torch_dtype=dtype,
-    )
+    common = {hf_key: getattr(cfg, field) for field, hf_key in HF_NAMES.items()}
+    common.update(hidden_act="silu", bos_token_id=1, eos_token_id=2, torch_dtype=dtype)
     if cfg.sliding_window is not None:
         hf = MistralConfig(sliding_window=cfg.sliding_window, **common)
         hf.architectures = ["MistralForCausalLM"]

@@ -21,6 +21,13 @@ def hf_model(cfg: DanubeConfig):
     return transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
 
 
+def assert_same_logits(model, hf, cfg) -> None:
+    """danube's logits equal transformers' on random tokens (fp32, eager attention)."""
+    ids = tokens(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def tokens(cfg, b=2, t=T):
     return torch.randint(0, cfg.vocab_size, (b, t), generator=torch.Generator().manual_seed(1))
 
@@ -39,9 +46,7 @@ def test_from_hf_matches_transformers(arch_cfg, tmp_path):
     assert type(hf).__name__ == expected_class
     model = from_hf(tmp_path / "hf").eval()
     assert model.cfg.sliding_window == arch_cfg.sliding_window
-    ids = tokens(arch_cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_same_logits(model, hf, arch_cfg)
 
 
 def test_to_hf_reloads_in_transformers(arch_cfg, tmp_path):
@@ -51,9 +56,7 @@ def test_to_hf_reloads_in_transformers(arch_cfg, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     expected_class = "MistralForCausalLM" if arch_cfg.sliding_window else "LlamaForCausalLM"
     assert type(hf).__name__ == expected_class
-    ids = tokens(arch_cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_same_logits(model, hf, arch_cfg)
 
 
 def test_window_matters_at_this_length(micro_cfg):
@@ -89,9 +92,7 @@ def test_tied_embeddings_round_trip(micro_cfg, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     model = from_hf(tmp_path / "hf")
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    ids = tokens(cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_same_logits(model, hf, cfg)
 
 
 def test_native_model_dir_round_trip(micro_cfg, tmp_path):

@@ -23,6 +23,15 @@ from danube.model.transformer import Danube, build_model
 SUPPORTED = ("llama", "mistral")
 
 
+# DanubeConfig field -> Llama/Mistral config.json key (both directions: danube.hf.config_to_hf).
+HF_NAMES = {
+    "vocab_size": "vocab_size", "n_embd": "hidden_size", "intermediate_size": "intermediate_size",
+    "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+    "head_dim": "head_dim", "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings", "init_std": "initializer_range",
+}
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> DanubeConfig:
     """Map every architecture field of a Llama/Mistral ``config.json`` to a :class:`DanubeConfig`."""
     model_type = hf.get("model_type")
