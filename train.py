@@ -10,12 +10,12 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from danube.sweep import train_objective
+    from danube.sweep import objective
     from danube.tasks.common import run_entry_point
+    from danube.tasks.train import run
 
-    # Hydra sweepers (Optuna) minimise what main returns: the final validation loss
-    # (inf when it is missing or not finite), recorded per job for `danube sweep-report`.
-    return run_entry_point("train.py", train_objective, cfg)
+    # What a sweeper (Optuna) minimises: the final validation loss, inf when missing or not finite.
+    return objective(run_entry_point("train.py", run, cfg))
 
 
 if __name__ == "__main__":

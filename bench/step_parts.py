@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import benchlib
-from danube.lit.pretrain import chunked_cross_entropy
+from danube.losses import chunked_cross_entropy
 from danube.model.attention import query_block, windowed_sdpa
 
 
@@ -77,11 +77,12 @@ def model_shapes(name: str) -> list[tuple[int, ...]]:
     """Every parameter's shape in a conf/model preset (built on the meta device: no memory)."""
     from omegaconf import OmegaConf
 
-    from danube.model import DanubeConfig, build_model
+    from danube.model import build_model
+    from danube.tasks.common import danube_config
 
-    values = OmegaConf.to_container(OmegaConf.load(benchlib.REPO / "conf" / "model" / f"{name}.yaml"))
-    values.pop("_target_", None)
-    return [tuple(p.shape) for p in build_model(DanubeConfig.from_dict(values), device="meta").parameters()]
+    preset = benchlib.REPO / "conf" / "model" / f"{name}.yaml"
+    return [tuple(p.shape) for p in build_model(danube_config(OmegaConf.load(preset), str(preset)),
+                                                device="meta").parameters()]
 
 
 def adamw_variants(shapes: list[tuple[int, ...]], device: str = "cpu") -> dict:

@@ -125,8 +125,10 @@ def model_config(name: str, attention: str) -> DanubeConfig:
     if name == "small_100m":
         values = dict(SMALL_100M)
     else:
-        values = OmegaConf.to_container(OmegaConf.load(benchlib.REPO / "conf" / "model" / f"{name}.yaml"))
-        values.pop("_target_", None)
+        from danube.tasks.common import danube_config
+
+        preset = benchlib.REPO / "conf" / "model" / f"{name}.yaml"
+        values = danube_config(OmegaConf.load(preset), str(preset)).to_dict()
     values["attn_backend"] = attention
     return DanubeConfig.from_dict(values)
 

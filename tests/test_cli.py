@@ -5,9 +5,10 @@ import pytest
 import torch
 import transformers
 
-from danube.cli import main
+from danube.cli import COMMANDS, command, main
 from danube.model import build_model
-from danube.model.io import load_model_dir, save_model_dir
+from danube.model.io import save_model_dir
+from danube.model.loading import load_model
 
 
 def test_import_export_round_trip(micro_cfg, tmp_path):
@@ -17,11 +18,23 @@ def test_import_export_round_trip(micro_cfg, tmp_path):
     assert main(["export-hf", str(tmp_path / "native"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
-    back = load_model_dir(tmp_path / "back").eval()
+    back = load_model(tmp_path / "back").eval()
     ids = torch.randint(0, micro_cfg.vocab_size, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(back(ids), model(ids), atol=0, rtol=0)
         torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_resolves_to_a_function_with_its_own_help(name, capsys):
+    """A typo in COMMANDS (module or function) fails here, not in a user's terminal."""
+    run = command(name)
+    assert callable(run)
+    try:
+        code = run(["--help"])
+    except SystemExit as done:  # argparse's way
+        code = done.code
+    assert code == 0 and capsys.readouterr().out.startswith(f"usage: danube {name} ")
 
 
 def test_console_script_lists_commands():

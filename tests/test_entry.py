@@ -11,13 +11,13 @@ from tests.conftest import CONF, REPO
 
 def test_every_experiment_belongs_to_exactly_one_script():
     for path in sorted((CONF / "experiment").glob("*.yaml")):
-        assert experiment_owner(path.stem) in SCRIPTS, path.name
-    assert experiment_owner("danube_chat_sft") == "finetune" and experiment_owner("danube_1p8b") == "train"
-    assert experiment_owner("danube2_continue_tiny") == "train"
+        assert experiment_owner(path.stem, CONF) in SCRIPTS, path.name
+    assert experiment_owner("danube_chat_sft", CONF) == "finetune" and experiment_owner("danube_1p8b", CONF) == "train"
+    assert experiment_owner("danube2_continue_tiny", CONF) == "train"
 
 
 def test_help_lists_only_the_scripts_own_groups_and_experiments():
-    train, finetune, evaluate = (help_text(s) for s in SCRIPTS)
+    train, finetune, evaluate = (help_text(s, CONF) for s in SCRIPTS)
     assert "model: " in train and "recipe: " in train and "hparams_search: " in train
     assert "experiment: danube2_continue, danube2_continue_tiny, danube_1p8b\n" in train
     for other in ("chat_data", "loss:", "danube_chat_sft", "suite:"):
@@ -27,7 +27,7 @@ def test_help_lists_only_the_scripts_own_groups_and_experiments():
     for other in ("recipe", "model:", "danube_1p8b", "suite:"):
         assert other not in finetune, other
     assert "suite: danube_table1, mt_bench, open_llm_v1, perplexity" in evaluate and "model:" not in evaluate
-    assert set(script_groups("evaluate")) == {"suite", "paths"}
+    assert set(script_groups("evaluate", CONF)) == {"suite", "paths"}
 
 
 def test_train_py_help_uses_the_scripts_own_list():
@@ -44,5 +44,5 @@ def test_a_finetune_experiment_given_to_train_py_says_which_script_runs_it():
             "which train.py does not have); run: python finetune.py experiment=danube_chat_sft") in out.stderr
     assert "Could not override" not in out.stderr + out.stdout
     with pytest.raises(SystemExit, match="is a train.py experiment"):
-        check_experiment("finetune", ["-m", "experiment=danube_1p8b,danube2_continue"])
-    check_experiment("train", ["experiment=danube_1p8b", "model.n_layer=2"])  # its own: no complaint
+        check_experiment("finetune", ["-m", "experiment=danube_1p8b,danube2_continue"], CONF)
+    check_experiment("train", ["experiment=danube_1p8b", "model.n_layer=2"], CONF)  # its own: no complaint

@@ -10,7 +10,8 @@ import yaml
 
 from danube.cli import main
 from danube.model import build_model
-from danube.model.io import check_model_dir, load_pretrained, save_model_dir
+from danube.model.io import check_model_dir, save_model_dir
+from danube.model.loading import load_model
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def run_dir(tmp_path, micro_cfg):
     run = tmp_path / "runs" / "tiny"
     (run / "tensorboard" / "seq128").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"n_embd": 64}, "train": {}, "data": {},
-                                                     "init_from": None}))
+                                                     "model_dir": None}))
     model = build_model(micro_cfg)
     for i, stage in enumerate(("seq128", "seq256")):
         (run / stage / "checkpoints").mkdir(parents=True)
@@ -31,9 +32,9 @@ def run_dir(tmp_path, micro_cfg):
 
 def test_a_run_directory_is_recognised_and_its_models_named(run_dir):
     with pytest.raises(FileNotFoundError) as err:
-        check_model_dir(run_dir, "model_path")
+        check_model_dir(run_dir, "model_dir")
     message = str(err.value)
-    assert message.startswith(f"model_path={run_dir} is a run directory, not a model directory")
+    assert message.startswith(f"model_dir={run_dir} is a run directory, not a model directory")
     assert message.index(str(run_dir / "seq128" / "model")) < message.index(str(run_dir / "seq256" / "model"))
     assert check_model_dir(run_dir / "seq256" / "model") == run_dir / "seq256" / "model"
 
@@ -52,7 +53,7 @@ def test_evaluate_of_a_run_directory_says_where_the_model_is(run_dir):
     from tests.conftest import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"model_path={run_dir}", "tasks=[arc_easy]"])
+        cfg = compose("evaluate", overrides=[f"model_dir={run_dir}", "tasks=[arc_easy]"])
     with pytest.raises(FileNotFoundError, match=f"{run_dir / 'seq256' / 'model'}") as err:
         run(cfg)
     assert "tokenizer" not in str(err.value)
@@ -77,7 +78,7 @@ def test_a_fine_tuning_run_directory_is_named_as_such(tmp_path, micro_cfg):
     save_model_dir(build_model(micro_cfg), run / "model")
     (run / "metrics.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=f"is a fine-tuning run directory.*{run / 'model'}"):
-        load_pretrained(run)
+        load_model(run)
 
 
 def test_a_run_without_a_finished_stage_says_so(tmp_path):

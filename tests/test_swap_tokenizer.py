@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from danube.cli import main
 from danube.data.tokenizer import Tokenizer, train_tokenizer
 from danube.model import DanubeConfig, build_model
-from danube.model.io import load_model_dir, read_config, save_model_dir
+from danube.model.io import read_config, save_model_dir
+from danube.model.loading import load_model
 from danube.swap_tokenizer import swap_tokenizer
 
 STD = 0.02
@@ -72,7 +73,7 @@ def test_swapped_model_scores_shared_pieces_as_before(old_model_dir, code_tokeni
     result = swap_tokenizer(old_model_dir, code_tokenizer, tmp_path / "new")
     assert result.new_vocab_size == 800 and result.shared + result.new == 800
     old_tok, new_tok = Tokenizer(sp_model), Tokenizer(code_tokenizer)
-    old_model, new_model = load_model_dir(old_model_dir), load_model_dir(tmp_path / "new")
+    old_model, new_model = load_model(old_model_dir), load_model(tmp_path / "new")
     new_id = {p: i for i, p in enumerate(new_tok.pieces())}
     # A sequence of shared pieces: the same text under other ids, longer than the window (7).
     pieces = [p for p in old_tok.pieces()[259:] if p in new_id][:40]  # past <unk> <s> </s> and the 256 bytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Callable
 
 from danube import logs
 from danube.errors import USER_ERRORS
@@ -31,6 +32,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def command(name: str) -> Callable[[list[str]], int]:
+    """The function behind ``danube NAME`` (imported now; tests/test_cli.py resolves every entry)."""
+    module, func = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -46,11 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"danube: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module, func = COMMANDS[name][0].split(":")
-    command = getattr(importlib.import_module(module), func)
+    run = command(name)
     logs.setup(verbose=bool(os.environ.get("DANUBE_VERBOSE")), stream=sys.stderr)  # after the imports: see logs.setup
     try:
-        return int(command(rest) or 0)
+        return int(run(rest) or 0)
     except USER_ERRORS as err:
         if os.environ.get("DANUBE_TRACEBACK"):
             raise

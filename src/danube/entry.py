@@ -6,6 +6,9 @@ fine-tuning experiment) with "Could not override 'loss'". Which script a group o
 experiment belongs to is read from the configs themselves: a script owns the groups of
 its primary config's defaults list, and an experiment belongs to the script that owns
 every group it overrides.
+
+Every function takes the ``conf/`` folder the script is composed from (the scripts pass
+the one beside them): nothing here guesses where a checkout is.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from pathlib import Path
 import yaml
 
 SCRIPTS = ("train", "finetune", "evaluate")
-_CONF = Path(__file__).resolve().parents[2] / "conf"
 _EXPERIMENT = re.compile(r"^\+{0,2}experiment=(.+)$")
 
 
@@ -34,17 +36,17 @@ def _group(entry) -> str | None:
     return None if key == "hydra" or key.startswith("hydra/") else key
 
 
-def script_groups(script: str, conf: Path = _CONF) -> list[str]:
+def script_groups(script: str, conf: Path) -> list[str]:
     """The config groups ``script``.py composes, in its defaults order."""
     return [g for g in map(_group, _defaults(conf / f"{script}.yaml")) if g]
 
 
-def experiment_groups(name: str, conf: Path = _CONF) -> set[str]:
+def experiment_groups(name: str, conf: Path) -> set[str]:
     """The groups experiment ``name`` overrides."""
     return {g for g in map(_group, _defaults(conf / "experiment" / f"{name}.yaml")) if g}
 
 
-def experiment_owner(name: str, conf: Path = _CONF) -> str | None:
+def experiment_owner(name: str, conf: Path) -> str | None:
     """The script whose groups include every group experiment ``name`` overrides (None if none or unknown)."""
     if not (conf / "experiment" / f"{name}.yaml").is_file():
         return None
@@ -53,7 +55,7 @@ def experiment_owner(name: str, conf: Path = _CONF) -> str | None:
                 None)
 
 
-def options(group: str, script: str, conf: Path = _CONF) -> list[str]:
+def options(group: str, script: str, conf: Path) -> list[str]:
     """The options of ``group`` as ``script`` can use them (experiments: only the script's own)."""
     names = sorted(p.stem for p in (conf / group).glob("*.yaml"))
     if group == "experiment":
@@ -61,7 +63,7 @@ def options(group: str, script: str, conf: Path = _CONF) -> list[str]:
     return names
 
 
-def help_text(script: str, conf: Path = _CONF) -> str:
+def help_text(script: str, conf: Path) -> str:
     """The config-group part of ``SCRIPT.py --help``: this script's groups and experiments only."""
     lines = [f"== Configuration groups of {script}.py ==", "Compose your configuration from those groups (group=option)", ""]
     for group in script_groups(script, conf):
@@ -71,7 +73,7 @@ def help_text(script: str, conf: Path = _CONF) -> str:
     return "\n".join(lines)
 
 
-def check_experiment(script: str, argv: list[str], conf: Path = _CONF) -> None:
+def check_experiment(script: str, argv: list[str], conf: Path) -> None:
     """Stop with one line when ``experiment=NAME`` belongs to another script (before Hydra fails on it)."""
     for arg in argv:
         match = _EXPERIMENT.match(arg)
@@ -86,7 +88,7 @@ def check_experiment(script: str, argv: list[str], conf: Path = _CONF) -> None:
                          f"experiment={name} ...")
 
 
-def preflight(script: str, conf: Path = _CONF, argv: list[str] | None = None) -> None:
+def preflight(script: str, conf: Path, argv: list[str] | None = None) -> None:
     """Called by the thin scripts before ``@hydra.main``: the experiment check and the help's resolver.
 
     ``conf/hydra/help/danube.yaml`` asks for ``${danube_help:SCRIPT}``, answered by :func:`help_text`.

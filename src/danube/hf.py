@@ -1,8 +1,9 @@
-"""Hugging Face interop: Llama/Mistral checkpoint directories to and from Danube models.
+"""Hugging Face interop: Llama/Mistral checkpoint directories to and from Danube models, and the commands.
 
 Parameter names already match (see :mod:`danube.model.transformer`), so only the config
-is translated. Reading needs no ``transformers``; writing uses its config classes so the
-``config.json`` is exactly what its installed version expects.
+is translated. Reading (:mod:`danube.model.hf_io`, re-exported here) needs no
+``transformers``; writing uses its config classes so the ``config.json`` is exactly what
+its installed version expects.
 
 An export also writes ``generation_config.json`` (the report's decoding: greedy,
 repetition penalty 1.1) and, with a tokenizer, the tokenizer files with the H2O-Danube
@@ -16,124 +17,31 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from danube.files import atomic_dir, check_output_dir
-from danube.model import Danube, DanubeConfig, build_model
-from danube.model.io import CHAT_TEMPLATE_FILE, GENERATION_FILE, check_finite, load_weights, read_safetensors, saved_state
+from danube.model import Danube, DanubeConfig
+from danube.model.hf_io import HF_NAMES, SUPPORTED, config_from_hf, from_hf
+from danube.model.io import CHAT_TEMPLATE_FILE, GENERATION_FILE, saved_state
+
+__all__ = ["REPORT_GENERATION", "SUPPORTED", "config_from_hf", "config_to_hf", "from_hf", "generation_config", "to_hf"]
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("llama", "mistral")
 # Report, section 5 (MT-Bench): "repetition_penalty = 1.1 and temperature = 0.0". No length:
 # max_new_tokens would override the max_length callers such as lm-eval pass, and a max_length
 # makes transformers warn on every call that passes max_new_tokens.
 REPORT_GENERATION = {"do_sample": False, "repetition_penalty": 1.1}
 
 
-def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> DanubeConfig:
-    """Map every architecture field of a Llama/Mistral ``config.json`` to a :class:`DanubeConfig`."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED:
-        raise ValueError(f"{source}: model_type={model_type!r} is not supported; danube reads {SUPPORTED}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; danube's MLP is SwiGLU (silu)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError(f"{source}: biased projections are not supported (danube has no biases)")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{source}: rope_type={rope_type!r} is not supported; danube implements plain RoPE")
-    window = hf.get("sliding_window") if model_type == "mistral" else None
-    if hf.get("use_sliding_window") is False:
-        window = None
-    n_head = hf["num_attention_heads"]
-    return DanubeConfig(
-        vocab_size=hf["vocab_size"],
-        n_embd=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        n_layer=hf["num_hidden_layers"],
-        n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-        sliding_window=window,
-        max_seq_len=hf.get("max_position_embeddings", 4096),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-    )
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory: safetensors (sharded or not) or ``.bin``."""
-    for index_name, loader in (
-        ("model.safetensors.index.json", read_safetensors),
-        ("pytorch_model.bin.index.json", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
-    ):
-        index = path / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                if not (path / shard).is_file():
-                    raise FileNotFoundError(f"{index} names shard {shard}, which is missing")
-                state.update(loader(path / shard))
-            return state
-    if (path / "model.safetensors").is_file():
-        return read_safetensors(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"{path}: no weights found (model.safetensors, model.safetensors.index.json, "
-        "pytorch_model.bin or pytorch_model.bin.index.json)"
-    )
-
-
-def from_hf(path: str | Path, dtype: torch.dtype | None = None, **overrides) -> Danube:
-    """Load a Hugging Face Llama or Mistral checkpoint directory as a :class:`Danube` on CPU."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: config.json is missing")
-    cfg = config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    if overrides:
-        cfg = DanubeConfig.from_dict({**cfg.to_dict(), **overrides})
-    # Old Llama checkpoints carry the RoPE frequencies as buffers; danube computes them.
-    state = {k: v for k, v in _read_state(path).items() if not k.endswith("rotary_emb.inv_freq")}
-    check_finite(state, str(path))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model = build_model(cfg, device="meta")
-    return load_weights(model, state, str(path))
-
-
 def config_to_hf(cfg: DanubeConfig, dtype: torch.dtype = torch.float32):
     """The ``transformers`` config: Mistral when there is a window, Llama otherwise."""
     from transformers import LlamaConfig, MistralConfig
 
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.n_embd,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_kv_head,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.init_std,
-        hidden_act="silu",
-        bos_token_id=1,
-        eos_token_id=2,
-        torch_dtype=dtype,
-    )
+    common = {hf_key: getattr(cfg, field) for field, hf_key in HF_NAMES.items()}
+    common.update(hidden_act="silu", bos_token_id=1, eos_token_id=2, torch_dtype=dtype)
     if cfg.sliding_window is not None:
         hf = MistralConfig(sliding_window=cfg.sliding_window, **common)
         hf.architectures = ["MistralForCausalLM"]
@@ -245,7 +153,8 @@ def import_hf_main(argv: list[str]) -> int:
 def export_hf_main(argv: list[str]) -> int:
     import argparse
 
-    from danube.model.io import load_model_dir, tokenizer_path
+    from danube.model.loading import load_model
+    from danube.model.io import tokenizer_path
 
     parser = argparse.ArgumentParser(prog="danube export-hf", description="danube model directory -> Hugging Face directory")
     parser.add_argument("model_dir", help="danube model directory (config.yaml, model.safetensors[, tokenizer.model])")
@@ -254,7 +163,7 @@ def export_hf_main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty HF_DIR")
     args = parser.parse_args(argv)
     check_output_dir(args.hf_dir, overwrite=args.overwrite, inputs={"input model directory": args.model_dir})
-    model = load_model_dir(args.model_dir)
+    model = load_model(args.model_dir, hf=False)
     tokenizer = args.tokenizer or tokenizer_path(args.model_dir)
     kept = kept_files(args.model_dir)
     to_hf(model, args.hf_dir, tokenizer=tokenizer, chat_template=kept.get(CHAT_TEMPLATE_FILE),

@@ -6,16 +6,14 @@ Face's, so the report's targets (q/k/v/o and the three MLP projections) are plai
 ``with model.disable_adapter():`` -- no second copy of the weights.
 
 An adapter directory is peft's own (``adapter_config.json`` + ``adapter_model.safetensors``);
-``base_model_name_or_path`` in it records the model directory the adapter was trained on.
+``base_model_name_or_path`` in it records the model directory the adapter was trained on;
+:func:`danube.model.loading.load_adapter` loads one onto that base.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-
-import torch
 
 from danube.model import Danube
 
@@ -57,29 +55,6 @@ def merge_lora(wrapped) -> Danube:
     return model
 
 
-def load_adapter(adapter_dir: str | Path, base: str | Path | None = None, device: str = "cpu"):
-    """The base model (from ``base`` or the adapter's ``base_model_name_or_path``) with the adapter on it."""
-    import peft
-
-    from danube.model.io import find_under, load_pretrained
-
-    adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
-    if not adapter_dir.is_dir():
-        raise FileNotFoundError(f"{adapter_dir}: no such directory")
-    if not config_file.is_file():
-        inside = find_under(adapter_dir, lambda d: (d / "adapter_config.json").is_file())
-        where = f"; the adapter directories in it: {', '.join(map(str, inside))}" if inside else ""
-        raise FileNotFoundError(
-            f"{adapter_dir} is not a LoRA adapter directory: adapter_config.json is missing{where}")
-    if base is None:
-        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{config_file} names no base model; pass --base MODEL_DIR")
-    model = load_pretrained(base, device=device, dtype=torch.float32)
-    return peft.PeftModel.from_pretrained(model, str(adapter_dir)), Path(base)
-
-
 def merge_lora_main(argv: list[str]) -> int:
     import argparse
 
@@ -94,6 +69,7 @@ def merge_lora_main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
     args = parser.parse_args(argv)
     from danube.files import check_output_dir
+    from danube.model.loading import load_adapter
 
     check_output_dir(args.output, overwrite=args.overwrite, inputs=[args.adapter_dir] + ([args.base] if args.base else []))
     wrapped, base = load_adapter(args.adapter_dir, args.base)

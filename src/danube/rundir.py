@@ -171,7 +171,7 @@ def check_changes(
     if fixed:
         raise ConfigChanged(
             f"{run_dir} holds a run made with other values of {_describe(fixed)}: continuing it would mix two runs. "
-            f"Use the original values, or another run_dir (init_from=MODEL_DIR starts a new run from a model); "
+            f"Use the original values, or another run_dir (model_dir=MODEL_DIR starts a new run from a model's weights); "
             f"its config is {run_dir / CONFIG_FILE}"
         )
     if finished:

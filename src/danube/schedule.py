@@ -1,8 +1,9 @@
-"""Token-based learning-rate schedule and the multi-stage training plan.
+"""Learning-rate schedules and the multi-stage training plan.
 
-Everything is a function of tokens seen, never of steps: stages change the sequence
-length (and so the micro-batch) but not the tokens per optimizer step, and the cosine
-runs from the first token of the first stage to the last token of the last one.
+Pretraining's schedule is a function of tokens seen, never of steps: stages change the
+sequence length (and so the micro-batch) but not the tokens per optimizer step, and the
+cosine runs from the first token of the first stage to the last token of the last one.
+Fine-tuning, one fixed plan of optimizer steps, uses :func:`cosine_with_warmup` by step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def lr_at(tokens: int, *, lr: float, min_lr: float, warmup_tokens: int, total_to
         return min_lr
     progress = (tokens - warmup_tokens) / max(1, total_tokens - warmup_tokens)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,21 @@ def check_weights(weights: dict, where: str) -> None:
     values = list(weights.values())
     if not values or any(not isinstance(w, numbers.Real) or not w >= 0 for w in values) or sum(values) <= 0:
         raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, got {weights}")
+
+
+def check_mixture(weights: dict, sources: list[str] | None, where: str, sources_are: str = "the data sources") -> None:
+    """A data mixture for ``sources``: exactly their names (when known), numbers >= 0 with a positive sum.
+
+    The one check of a mixture: ``train.py`` makes it for ``data.weights`` and every stage's
+    ``weights`` before any data is read; :class:`danube.data.pretrain.PretrainDataModule`
+    for the mixture it is given.
+    """
+    if sources is not None:
+        unknown, missing = sorted(set(weights) - set(sources)), sorted(set(sources) - set(weights))
+        if unknown or missing:
+            raise ValueError(f"{where} name {sorted(weights)} but {sources_are} are {list(sources)}: unknown {unknown}, "
+                             f"missing {missing} (a source the stage does not use gets weight 0)")
+    check_weights(weights, where)
 
 
 def plan_stages(

@@ -21,14 +21,8 @@ import torch
 from danube.data.tokenizer import Tokenizer
 from danube.files import check_output_dir
 from danube.model import DanubeConfig, build_model
-from danube.model.io import (
-    check_model_dir,
-    load_model_dir,
-    load_weights,
-    read_config,
-    save_model_dir,
-    tokenizer_path,
-)
+from danube.model.io import check_model_dir, load_weights, read_config, save_model_dir, tokenizer_path
+from danube.model.loading import load_model
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +101,7 @@ def swap_tokenizer(
     shared = len(pairs)
     dropped = len(old_ids) - shared
 
-    model = load_model_dir(model_dir)
+    model = load_model(model_dir, hf=False)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     new_cfg = DanubeConfig.from_dict({**cfg.to_dict(), "vocab_size": new_tok.vocab_size})
     fresh = fresh_vocab_rows(new_cfg, seed)

@@ -1,9 +1,10 @@
-"""Hyper-parameter sweeps: the objective ``train.py`` returns, and ``danube sweep-report``.
+"""Hyper-parameter sweeps: the objective ``train.py`` returns, each job's record, and ``danube sweep-report``.
 
 A sweep is a Hydra multirun (``python train.py -m ...``, ``conf/hparams_search/``): every
-job is a run directory ``MULTIRUN/<job number>/`` holding Hydra's ``.hydra/overrides.yaml``,
-the run's ``config.yaml``, its TensorBoard scalars and ``result.json`` (written here, for
-failed jobs too). The report gathers them into one table sorted by validation loss.
+job is a run directory ``MULTIRUN/<job number>/`` holding ``.hydra/overrides.yaml``, the
+run's ``config.yaml``, its TensorBoard scalars and ``result.json``, the last two written by
+:class:`RecordJob` (a Hydra callback, failed jobs too). The report gathers them into one
+table sorted by validation loss.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from hydra.experimental.callback import Callback
 
 from danube.files import atomic_write_text
 
@@ -52,61 +55,72 @@ def objective(result: TrainResult | None) -> float | None:
     return float(value)
 
 
-def check_multirun_job(cfg: DictConfig) -> None:
-    """In a multirun, refuse the settings that would make jobs share or break their runs."""
-    from danube.tasks.common import hydra_mode_is_multirun, world_size
+class RecordJob(Callback):
+    """Hydra callback: each multirun job's overrides and outcome in its folder, for :func:`sweep_report`.
 
-    if not hydra_mode_is_multirun():
-        return
-    if cfg.get("run_dir"):
-        raise ValueError(
-            f"run_dir={cfg.run_dir} in a multirun: every job would write (and resume) the same directory. "
-            "Leave run_dir unset, each job then runs in hydra.sweep.dir/<job number>; move the sweep with "
-            "hydra.sweep.dir=PATH"
-        )
-    if world_size(cfg.trainer) > 1:
-        raise ValueError(
-            f"trainer has {world_size(cfg.trainer)} devices in a multirun: Lightning starts one process per extra "
-            "device by re-running this command line, -m included, so each would start the whole sweep. "
-            "Sweep with one device per job (trainer=h100x1); for several GPUs run one sweep per GPU "
-            "(CUDA_VISIBLE_DEVICES, each with its own hydra.sweep.dir)"
-        )
+    Configured in ``conf/train.yaml`` (``hydra.callbacks``); a single run is left alone.
+    At the start of a job it writes ``.hydra/overrides.yaml`` (Hydra itself writes nothing:
+    ``hydra.output_subdir`` is null) and a ``result.json`` that says the job has not ended,
+    which is what a killed or interrupted job leaves. At the end it writes the outcome: the
+    exception of a failed job, or the objective ``main`` returned with the final losses and
+    tokens the last stage recorded (``complete.json``).
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        job_dir = _job_dir(config)
+        if job_dir is None:
+            return
+        atomic_write_text(job_dir / ".hydra" / "overrides.yaml",
+                          "".join(f"- {_yaml_scalar(o)}\n" for o in config.hydra.overrides.task))
+        write_json(job_dir / RESULT_FILE, {"status": "incomplete",
+                                           "error": "no outcome recorded: killed, interrupted, or still running"})
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
+
+        job_dir = _job_dir(config)
+        if job_dir is None:
+            return
+        if job_return.status == JobStatus.FAILED:
+            err = job_return._return_value  # the exception; the property would raise it again
+            log.error("job %s failed:\n%s", job_dir, "".join(traceback.format_exception(err)))
+            write_json(job_dir / RESULT_FILE, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+            return
+        write_json(job_dir / RESULT_FILE, job_outcome(job_dir, job_return.cfg, job_return.return_value))
 
 
-def train_objective(cfg: DictConfig) -> float | None:
-    """``train.py``'s job: train, return the objective and, in a multirun, record the outcome."""
-    from danube.tasks.common import hydra_mode_is_multirun
-    from danube.tasks.train import run
+def _job_dir(config: DictConfig) -> Path | None:
+    """A multirun job's folder (None in a single run)."""
+    from hydra.types import RunMode
 
-    check_multirun_job(cfg)
-    if not hydra_mode_is_multirun():
-        return objective(run(cfg))
-    from hydra.core.hydra_config import HydraConfig
+    if config.hydra.mode != RunMode.MULTIRUN:
+        return None
+    return Path(config.hydra.runtime.output_dir)
 
-    from danube.callbacks import Interrupted
 
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
-    # What the report labels the job with (Hydra itself writes nothing: hydra.output_subdir is null).
-    atomic_write_text(job_dir / ".hydra" / "overrides.yaml",
-                      "".join(f"- {_yaml_scalar(o)}\n" for o in HydraConfig.get().overrides.task))
-    try:
-        result = run(cfg)
-    except Interrupted as err:
-        write_json(job_dir / RESULT_FILE, {"status": "incomplete", "error": str(err)})
-        raise
-    except Exception as err:
-        log.error("job %s failed:\n%s", job_dir, traceback.format_exc())
-        write_json(job_dir / RESULT_FILE, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        raise
-    value = objective(result)
-    status = "complete" if value is not None and math.isfinite(value) else "diverged"
-    if not result.complete:
-        status = "incomplete"
-    write_json(job_dir / RESULT_FILE, {
-        "status": status, "objective": value, "final_val_loss": _json_float(result.final_val_loss),
-        "final_train_loss": _json_float(result.final_train_loss), "tokens_seen": result.tokens_seen,
-    })
-    return value
+def job_outcome(job_dir: Path, cfg: DictConfig, value: float | None) -> dict:
+    """What ``result.json`` records of a job that returned ``value`` (:func:`objective`)."""
+    if value is None:  # plan=true
+        return {"status": "not started", "error": "plan=true: nothing was trained"}
+    status = "complete" if math.isfinite(value) else "diverged"
+    record = {}
+    stage = _last_stage(cfg)
+    if stage is not None and (job_dir / stage / "complete.json").is_file():
+        record = json.loads((job_dir / stage / "complete.json").read_text())
+    else:
+        status = "incomplete"  # stopped at train.max_steps: the last stage has no completion record
+    out = {"status": status, "objective": _json_float(value)}
+    if record:
+        out.update(final_val_loss=_json_float(record.get("final_val_loss")),
+                   final_train_loss=_json_float(record.get("final_train_loss")), tokens_seen=record.get("tokens_seen"))
+    return out
+
+
+def _last_stage(cfg) -> str | None:
+    """The last stage a train config runs (``stage=all``: the recipe's last)."""
+    stages = [s["name"] for s in (cfg.get("recipe") or {}).get("stages") or []]
+    last = stages[-1] if cfg.get("stage", "all") == "all" and stages else cfg.get("stage")
+    return None if last in (None, "all") else str(last)
 
 
 def _yaml_scalar(text: str) -> str:
@@ -267,10 +281,8 @@ def _status_from_files(job: Job) -> str:
     config = job.path / "config.yaml"
     if not config.is_file():
         return "not started"
-    cfg = OmegaConf.load(config)
-    stages = [s["name"] for s in cfg.get("recipe", {}).get("stages", [])]
-    last = stages[-1] if cfg.get("stage", "all") == "all" and stages else cfg.get("stage")
-    stage = job.path / str(last) if last else None
+    last = _last_stage(OmegaConf.load(config))
+    stage = job.path / last if last else None
     # complete.json is written last; older runs wrote final.ckpt, then the model directory.
     done = stage is not None and ((stage / "complete.json").is_file() or
                                   ((stage / "final.ckpt").is_file() and (stage / "model" / "model.safetensors").is_file()))

@@ -6,21 +6,22 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from danube.data.preference import collate_pairs, read_pairs, tokenize_pairs
 from danube.data.sft import collate, read_conversations, tokenize_conversation
 from danube.data.tokenizer import Tokenizer
 from danube.losses import sequence_logps, token_loss_sum
-from danube.model.io import load_model_dir
+from danube.model.loading import load_model
 from danube.tasks.finetune import run
 from tests.chat.conftest import compose_finetune
-from tests.conftest import REPO
+from tests.conftest import CONF, REPO
 
 CPU = ["trainer=cpu", "precision=fp32", "export_hf=false", "train.max_seq_len=256", "train.log_every_n_steps=1"]
 
 
 def answer_loss(model_dir, convs, tok) -> float:
-    model = load_model_dir(model_dir).eval()
+    model = load_model(model_dir).eval()
     batch = collate([tokenize_conversation(tok, c) for c in convs], tok.pad_id)
     with torch.no_grad():
         total, count = token_loss_sum(model(batch["input_ids"]), batch["labels"])
@@ -62,8 +63,8 @@ def pair_accuracy(policy_dir, reference_dir, pairs_file, tok) -> float:
     items, _ = tokenize_pairs(tok, read_pairs(pairs_file, "distilabel_math"), 256)
     batch = collate_pairs(items, tok.pad_id)
     with torch.no_grad():
-        pol = sequence_logps(load_model_dir(policy_dir)(batch["input_ids"]), batch["labels"])
-        ref = sequence_logps(load_model_dir(reference_dir)(batch["input_ids"]), batch["labels"])
+        pol = sequence_logps(load_model(policy_dir)(batch["input_ids"]), batch["labels"])
+        ref = sequence_logps(load_model(reference_dir)(batch["input_ids"]), batch["labels"])
     n = len(items)
     return ((pol[:n] - ref[:n]) > (pol[n:] - ref[n:])).float().mean().item()
 
@@ -88,6 +89,9 @@ def test_config_errors_come_before_any_work(tiny_model_dir, chat_files, tmp_path
     base = CPU + [f"model_dir={tiny_model_dir}", f"run_dir={tmp_path / 'x'}"]
     with pytest.raises(ValueError, match="no chat_data chosen"):
         run(compose_finetune(base))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # as under @hydra.main: its config sources
+        with pytest.raises(ValueError, match=r"pass chat_data=NAME \(danube_dpo, danube_sft, messages, .*ultrachat\)"):
+            run(compose("finetune", overrides=base))
     with pytest.raises(ValueError, match="format='metamath' is not dpo data"):
         run(compose_finetune(base + ["loss=dpo", "chat_data=metamathqa",
                                      f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
@@ -130,7 +134,7 @@ def hf_logits_match(hf_dir, model_dir, tok):
 
     assert ids == encode_chat_prompt(tok, [{"role": "user", "content": "What is the file number 3?"}])
     with torch.no_grad():
-        torch.testing.assert_close(hf(torch.tensor([ids])).logits, load_model_dir(model_dir)(torch.tensor([ids])),
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, load_model(model_dir)(torch.tensor([ids])),
                                    atol=1e-4, rtol=1e-4)
 
 
@@ -163,9 +167,9 @@ def test_report_chain_sft_dpo1_merge_dpo2_export(tiny_model_dir, tmp_path):
         sft.model_dir.resolve())
     # `danube merge-lora` gives the same model the run merged at its end.
     assert main(["merge-lora", str(dpo1.adapter_dir), str(tmp_path / "merged")]) == 0
-    a, b = load_model_dir(dpo1.model_dir).state_dict(), load_model_dir(tmp_path / "merged").state_dict()
+    a, b = load_model(dpo1.model_dir).state_dict(), load_model(tmp_path / "merged").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], v) for k, v in load_model_dir(sft.model_dir).state_dict().items())
+    assert any(not torch.equal(a[k], v) for k, v in load_model(sft.model_dir).state_dict().items())
     dpo2 = run(compose_finetune(common + [
         "experiment=danube_chat_dpo2", "trainer=cpu", "precision=fp32", "train.max_seq_len=256",
         f"chat_data.sources.oasst2_pairs.path={hub['oasst2']}",

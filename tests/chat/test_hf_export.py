@@ -107,7 +107,7 @@ def test_lm_eval_adapter_takes_the_repetition_penalty_transformers_would(exporte
     import shutil
 
     from danube.eval.lm_eval_adapter import DanubeLM
-    from danube.eval.loading import default_repetition_penalty
+    from danube.eval.inference import default_repetition_penalty
 
     _, model_dir, hf_dir = exported
     assert default_repetition_penalty(model_dir) == default_repetition_penalty(hf_dir) == 1.1

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from danube.data.chat import encode_chat_prompt
+from danube.data.finetune import StepBatches, step_plan
 from danube.data.preference import Pair, collate_pairs, tokenize_pairs
-from danube.data.sft import IGNORE, StepBatches, collate, pack_samples, step_plan, tokenize_conversation
+from danube.data.sft import collate, pack_samples, tokenize_conversation
 from danube.data.tokenizer import Tokenizer
 from danube.lit.dpo import DPOModule
 from danube.lit.sft import SFTModule
 from danube.lora import add_lora, merge_lora
-from danube.losses import dpo_loss, sequence_logps
+from danube.losses import IGNORE, dpo_loss, sequence_logps
 from danube.model import build_model
 from tests.chat.conftest import qa, tiny_cfg
 

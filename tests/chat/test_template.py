@@ -3,8 +3,9 @@
 import pytest
 
 from danube.data.chat import encode_chat_prompt, encode_conversation, render_chat, render_chat_prompt
-from danube.data.sft import IGNORE, tokenize_conversation
+from danube.data.sft import tokenize_conversation
 from danube.data.tokenizer import Tokenizer
+from danube.losses import IGNORE
 
 CONV = [
     {"role": "system", "content": "Be brief."},

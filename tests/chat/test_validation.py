@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+from danube.data.finetune import hold_out
 from danube.data.sft import read_conversations, tokenize_conversations
 from danube.data.tokenizer import Tokenizer
 from danube.losses import token_loss_sum
-from danube.model.io import load_model_dir
+from danube.model.loading import load_model
 from danube.plot import read_scalars
-from danube.tasks.finetune import hold_out, run
+from danube.tasks.finetune import run
 from tests.chat.conftest import compose_finetune
 from tests.chat.hub_layouts import local_copy
 
@@ -33,7 +34,7 @@ def test_sft_val_fraction_is_held_out_and_its_loss_logged_at_the_interval_and_th
     tok = Tokenizer(tiny_model_dir)
     samples, _ = tokenize_conversations(tok, read_conversations(chat_files["messages"], "messages"), 256)
     _, held = hold_out(samples, 0.2, int(cfg.seed), "messages")
-    model = load_model_dir(result.model_dir).eval()
+    model = load_model(result.model_dir).eval()
     total = count = 0
     with torch.no_grad():
         for s in held:
@@ -104,11 +105,11 @@ def test_every_rank_validates_and_the_ranks_together_count_each_item_once(tiny_m
 
     from danube.data.sft import collate
     from danube.lit.sft import SFTModule
-    from danube.tasks.finetune import MicroBatches
+    from danube.data.finetune import MicroBatches
 
     tok = Tokenizer(tiny_model_dir)
     samples, _ = tokenize_conversations(tok, read_conversations(chat_files["messages"], "messages")[:7], 256)
-    module = SFTModule(load_model_dir(tiny_model_dir).eval(), {"lr": 1e-3}, total_steps=1)
+    module = SFTModule(load_model(tiny_model_dir).eval(), {"lr": 1e-3}, total_steps=1)
     ranks = [MicroBatches(samples, 2, r, world_size, partial(collate, pad_id=tok.pad_id)) for r in range(world_size)]
     assert len({len(r) for r in ranks}) == 1  # 4 micro-batches of 7 items: the same count on every rank
     total = torch.zeros(2, dtype=torch.float64)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from danube.data.quality import classifier
-from danube.data.quality.classifier import load_scorer, metrics
+from danube.data.quality.classifier import metrics
+from danube.data.quality.filter import load_scorer
 from danube.data.quality.gbm import GBMScorer, train_gbm
 from danube.data.quality.transformer import (
     HFScorer, TransformerScorer, classifier_config, train_transformer,

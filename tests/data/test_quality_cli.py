@@ -62,7 +62,7 @@ def test_filter_end_to_end_writes_records_report_and_readable_shards(classifiers
         q = r["quality"]
         assert q["kept"] and q["heuristics"]["failed"] == [] and q["gbm"] >= 0.5 and q["transformer"] >= 0.2
     # The filter's GBM scores (features reusing the rule statistics) are the model's own.
-    from danube.data.quality.classifier import load_scorer
+    from danube.data.quality.filter import load_scorer
 
     alone = load_scorer(gbm, "gbm").score([r["content"] for r in kept])
     assert [r["quality"]["gbm"] for r in kept] == pytest.approx(alone.tolist(), abs=1e-6)

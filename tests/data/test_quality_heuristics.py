@@ -3,8 +3,7 @@ from collections import Counter
 
 import pytest
 
-from danube.data.quality.heuristics import HeuristicRules, document_stats
-from tests.conftest import CONF
+from danube.data.quality.heuristics import GOPHER_RULES, HeuristicRules, document_stats
 from tests.data.quality_texts import boilerplate, clean_docs, junk_docs, prose_lines
 
 RULES = HeuristicRules()
@@ -107,7 +106,7 @@ def test_boilerplate_menu_lines_start_with_bullets():
 
 
 def test_thresholds_load_from_yaml_and_overrides(tmp_path):
-    assert HeuristicRules.load(CONF / "quality" / "gopher.yaml") == HeuristicRules()
+    assert GOPHER_RULES.is_file() and HeuristicRules.load(GOPHER_RULES) == HeuristicRules()
     rules = HeuristicRules.load(None, ["min_words=20", "reject_lorem_ipsum=false", "max_dup_5gram_frac=0.5"])
     assert (rules.min_words, rules.reject_lorem_ipsum, rules.max_dup_5gram_frac) == (20, False, 0.5)
     (tmp_path / "r.yaml").write_text("min_words: 10\nmax_word: 5\n")

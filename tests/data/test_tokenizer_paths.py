@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from danube.data.chat import encode_chat_prompt, hf_chat_template, render_chat, render_chat_prompt
-from danube.data.prepare import prepare
 from danube.data.preference import Pair, collate_pairs, tokenize_pairs
-from danube.data.sft import IGNORE, tokenize_conversation
+from danube.data.prepare import prepare
+from danube.data.sft import tokenize_conversation
 from danube.data.tokenizer import Tokenizer
 from danube.hf import to_hf
+from danube.losses import IGNORE
 from danube.model import DanubeConfig, build_model
 from danube.model.io import save_model_dir
 from tests.data.conftest import read_stream, split_docs, write_jsonl
@@ -169,7 +170,7 @@ def test_markup_is_each_stretch_read_alone(case):
 
 
 def test_decoding_matches_hugging_face(case):
-    from danube.eval.loading import TextTokenizer
+    from danube.eval.inference import TextTokenizer
 
     ours, theirs = TextTokenizer(case.model_dir), TextTokenizer(case.hf_dir)
     for text in TEXTS:
@@ -248,7 +249,7 @@ def _prompts():
 
 
 def test_generation_prompts_are_apply_chat_template_with_a_generation_prompt(case):
-    from danube.eval.loading import TextTokenizer
+    from danube.eval.inference import TextTokenizer
     from danube.eval.mt_bench import encode_chat
 
     ours, theirs = TextTokenizer(case.model_dir), TextTokenizer(case.hf_dir)

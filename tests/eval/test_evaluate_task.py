@@ -24,7 +24,7 @@ def config(*overrides):
 def test_tasks_on_a_local_task_write_results_json_and_the_table_with_standard_errors(model_dirs, task_dir, tmp_path,
                                                                                        caplog):
     out = tmp_path / "res.json"
-    cfg = config(f"model_path={model_dirs[0]}", "tasks=[toy_mc]", f"include_path={task_dir}", "limit=8",
+    cfg = config(f"model_dir={model_dirs[0]}", "tasks=[toy_mc]", f"include_path={task_dir}", "limit=8",
                  f"output_path={out}", "batch_size=4", "device=cpu")
     with caplog.at_level(logging.INFO, logger="danube.tasks.evaluate"):
         run(cfg)
@@ -46,7 +46,7 @@ def test_tasks_on_a_local_task_write_results_json_and_the_table_with_standard_er
 def test_existing_results_are_never_replaced_silently(model_dirs, task_dir, tmp_path):
     out = tmp_path / "res.json"
     out.write_text("{}")
-    args = [f"model_path={model_dirs[0]}", "tasks=[toy_mc]", f"include_path={task_dir}", "limit=2",
+    args = [f"model_dir={model_dirs[0]}", "tasks=[toy_mc]", f"include_path={task_dir}", "limit=2",
             f"output_path={out}", "device=cpu"]
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run(config(*args))
@@ -74,7 +74,7 @@ def test_default_output_paths_of_two_models_differ(model_dirs, task_dir, tmp_pat
     runs = tmp_path / "runs"
     for stage in ("seq128", "seq256"):
         shutil.copytree(model_dirs[0], runs / "tiny" / stage / "model")
-        run(config(f"model_path={runs / 'tiny' / stage / 'model'}", "tasks=[toy_mc]", f"include_path={task_dir}",
+        run(config(f"model_dir={runs / 'tiny' / stage / 'model'}", "tasks=[toy_mc]", f"include_path={task_dir}",
                    "limit=2", "device=cpu", f"paths.runs_dir={runs}"))
     written = sorted(p.name for p in (runs / "eval").iterdir())
     assert written == ["tiny-seq128-tasks.json", "tiny-seq128-tasks.md", "tiny-seq256-tasks.json", "tiny-seq256-tasks.md"]
@@ -95,7 +95,7 @@ def test_suite_without_the_datasets_offline_names_every_one_before_loading_the_m
         raise AssertionError("the model was loaded before the datasets were checked")
 
     monkeypatch.setattr(adapter, "load_for_eval", no_model)
-    cfg = config(f"model_path={model_dirs[0]}", f"suite={suite}", f"output_path={tmp_path / 'r.json'}", "device=cpu")
+    cfg = config(f"model_dir={model_dirs[0]}", f"suite={suite}", f"output_path={tmp_path / 'r.json'}", "device=cpu")
     with pytest.raises(DatasetUnavailableError) as err:
         run(cfg)
     message = str(err.value)
@@ -116,7 +116,7 @@ def test_suite_with_local_replacement_tasks_writes_the_table(model_dirs, task_di
     for n in names:
         (tmp_path / f"toy_mc_{n}.yaml").write_text((task_dir / "toy_mc.yaml").read_text().replace("task: toy_mc", f"task: toy_mc_{n}"))
     out = tmp_path / "t1.json"
-    cfg = config(f"model_path={model_dirs[1]}", "suite=danube_table1", f"include_path={tmp_path}",
+    cfg = config(f"model_dir={model_dirs[1]}", "suite=danube_table1", f"include_path={tmp_path}",
                  f"task_map={remap}", "limit=4", f"output_path={out}", "device=cpu",
                  "model_name=toy", "model_tokens=0.01T")
     cfg.suite.tasks = [t for t in cfg.suite.tasks if t.task != "triviaqa"]
@@ -131,13 +131,24 @@ def test_suite_with_local_replacement_tasks_writes_the_table(model_dirs, task_di
 
 def test_bad_config_fails_before_loading(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="tasks="):
-        run(config(f"model_path={model_dirs[0]}"))
-    with pytest.raises(FileNotFoundError, match="model_path=.*nope: no such directory"):
-        run(config(f"model_path={tmp_path / 'nope'}", "tasks=[x]"))
-    with pytest.raises(FileNotFoundError, match="model_path=.* is not a model directory"):
-        run(config(f"model_path={tmp_path}", "tasks=[x]"))
+        run(config(f"model_dir={model_dirs[0]}"))
+    with pytest.raises(FileNotFoundError, match="model_dir=.*nope: no such directory"):
+        run(config(f"model_dir={tmp_path / 'nope'}", "tasks=[x]"))
+    with pytest.raises(FileNotFoundError, match="model_dir=.* is not a model directory"):
+        run(config(f"model_dir={tmp_path}", "tasks=[x]"))
     with pytest.raises(ValueError, match="questions"):
-        run(config(f"model_path={model_dirs[0]}", "suite=mt_bench"))
+        run(config(f"model_dir={model_dirs[0]}", "suite=mt_bench"))
+    with pytest.raises(ValueError, match="model_dir=PATH is required"):
+        run(config("tasks=[x]"))
+
+
+def test_the_old_name_of_model_dir_still_works_with_a_warning(model_dirs, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="danube.tasks.common"):
+        with pytest.raises(FileNotFoundError, match="model_dir=.*nope: no such directory"):
+            run(config(f"model_path={tmp_path / 'nope'}", "tasks=[x]"))
+    assert "evaluate.py: model_path= is deprecated and goes in the next release; use model_dir=" in caplog.text
+    with pytest.raises(ValueError, match="model_path=.* and model_dir=.*: model_path is the old name of model_dir"):
+        run(config(f"model_path={tmp_path / 'nope'}", f"model_dir={model_dirs[0]}", "tasks=[x]"))
 
 
 def test_perplexity_suite_on_litdata_shards(model_dirs, tmp_path):
@@ -145,17 +156,17 @@ def test_perplexity_suite_on_litdata_shards(model_dirs, tmp_path):
 
     import torch
 
-    from danube.model.io import load_model_dir
+    from danube.model.loading import load_model
     from tests.eval.shards import write_shards
 
     tokens = torch.randint(3, 1000, (4 * 33 + 5,), generator=torch.Generator().manual_seed(0))
     write_shards(tokens, tmp_path / "val")
     out = tmp_path / "ppl.json"
-    run(config(f"model_path={model_dirs[0]}", "suite=perplexity", f"data_dir={tmp_path}", "seq_len=32",
+    run(config(f"model_dir={model_dirs[0]}", "suite=perplexity", f"data_dir={tmp_path}", "seq_len=32",
                f"output_path={out}", "device=cpu", "batch_size=3"))
     p = json.loads(out.read_text())["perplexity"]
     assert p["blocks"] == 4 and p["tokens"] == 4 * 32
-    model = load_model_dir(model_dirs[0])
+    model = load_model(model_dirs[0])
     blocks = tokens[: 4 * 33].view(4, 33)
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(model(blocks[:, :-1]).flatten(0, 1), blocks[:, 1:].flatten())
@@ -167,7 +178,7 @@ def test_perplexity_suite_on_litdata_shards(model_dirs, tmp_path):
 def test_evaluate_py_command_line(model_dirs, task_dir, tmp_path):
     out = tmp_path / "cli.json"
     proc = subprocess.run(
-        [sys.executable, "evaluate.py", f"model_path={model_dirs[0]}", "tasks=[toy_mc,toy_gen]", f"include_path={task_dir}",
+        [sys.executable, "evaluate.py", f"model_dir={model_dirs[0]}", "tasks=[toy_mc,toy_gen]", f"include_path={task_dir}",
          "limit=4", f"output_path={out}", "device=cpu", f"paths.runs_dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )

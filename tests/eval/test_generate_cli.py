@@ -7,7 +7,7 @@ import torch
 
 from danube.cli import main
 from danube.eval.console import generate_main
-from danube.eval.loading import load_for_eval
+from danube.eval.inference import load_for_eval
 from danube.model.generate import SamplingParams, generate
 
 PROMPT = "The statement is used to"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from danube.eval.loading import TextTokenizer, load_for_eval
 from danube.data.chat import render_chat_prompt
+from danube.eval.inference import TextTokenizer, load_for_eval
 from danube.eval.mt_bench import encode_chat, load_questions
 from danube.model.generate import SamplingParams, generate
 from danube.tasks.evaluate import run
@@ -141,5 +141,5 @@ def test_chat_console_keeps_the_conversation(model_dirs):
 
 def _cfg(model_dir, questions, out, *extra):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("evaluate", overrides=[f"model_path={model_dir}", "suite=mt_bench", f"questions={questions}",
+        return compose("evaluate", overrides=[f"model_dir={model_dir}", "suite=mt_bench", f"questions={questions}",
                                               f"output_path={out}", "device=cpu", "model_name=tiny", *extra])

@@ -37,9 +37,9 @@ FP32 = {"trainer_precision": "32-true", "fp8": False}
 
 def tiny(**overrides) -> DanubeConfig:
     """conf/model/tiny.yaml: 4 layers x 256, window 64."""
-    values = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml"))
-    values.pop("_target_")
-    return DanubeConfig.from_dict({**values, **overrides})
+    from danube.tasks.common import danube_config
+
+    return danube_config({**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml")), **overrides})
 
 
 def module(cfg: DanubeConfig, device: str, precision: dict = FP32, **kwargs) -> PretrainModule:
@@ -298,14 +298,14 @@ def train_py(tmp_path: Path, data_root: Path, *overrides: str) -> Path:  # noqa:
 
 
 def assert_finished_run(run_dir: Path) -> None:
-    from danube.model.io import load_model_dir
+    from danube.model.loading import load_model
     from danube.plot import read_scalars
 
     scalars = read_scalars(run_dir)
     for tag in ("train/loss", "val/loss", "train/grad_norm", "perf/tokens_per_sec", "perf/mfu"):
         assert tag in scalars and all(math.isfinite(v) for _, v in scalars[tag]), tag
     assert scalars["train/loss"][-1][1] < scalars["train/loss"][0][1]
-    model = load_model_dir(run_dir / "seq128" / "model")
+    model = load_model(run_dir / "seq128" / "model")
     assert model.cfg.n_layer == 2 and (run_dir / "seq128" / "model" / "tokenizer.model").is_file()
 
 

@@ -5,7 +5,7 @@ import torch
 
 from danube.hf import to_hf
 from danube.model import build_model
-from danube.model.generate import SamplingParams, filter_top_k_top_p, generate, truncate_at_stop
+from danube.model.generate import SamplingParams, filter_top_k_top_p, generate
 
 
 @pytest.fixture
@@ -52,7 +52,8 @@ def test_stop_tokens_and_strings_end_rows_independently(model, micro_cfg):
     marker = f" {free[1][2]} {free[1][3]}"
     by_text = generate(model, prompts[1:], SamplingParams(max_new_tokens=10, stop_strings=(marker,)), decode=decode)
     assert by_text[0] == free[1][:4]  # stops as soon as the text contains the marker
-    assert truncate_at_stop(decode(by_text[0]), [marker]) == str(free[1][0]) + " " + str(free[1][1])
+    # The ids are not cut at the stop string: the caller cuts the text (DanubeLM through lm-eval's own postprocessing).
+    assert decode(by_text[0]).endswith(marker)
 
 
 def test_sampling_is_seeded_and_filters_like_transformers(model, micro_cfg):

@@ -8,7 +8,8 @@ import transformers
 
 from danube.hf import config_to_hf, from_hf, to_hf
 from danube.model import DanubeConfig, build_model
-from danube.model.io import load_model_dir, save_model_dir
+from danube.model.io import save_model_dir
+from danube.model.loading import load_model
 
 T = 45  # > sliding_window=7: the window changes the logits
 
@@ -18,6 +19,13 @@ def hf_model(cfg: DanubeConfig):
     hf_cfg = config_to_hf(cfg)
     hf_cfg._attn_implementation = "eager"
     return transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+
+
+def assert_same_logits(model, hf, cfg) -> None:
+    """danube's logits equal transformers' on random tokens (fp32, eager attention)."""
+    ids = tokens(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def tokens(cfg, b=2, t=T):
@@ -38,9 +46,7 @@ def test_from_hf_matches_transformers(arch_cfg, tmp_path):
     assert type(hf).__name__ == expected_class
     model = from_hf(tmp_path / "hf").eval()
     assert model.cfg.sliding_window == arch_cfg.sliding_window
-    ids = tokens(arch_cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_same_logits(model, hf, arch_cfg)
 
 
 def test_to_hf_reloads_in_transformers(arch_cfg, tmp_path):
@@ -50,9 +56,7 @@ def test_to_hf_reloads_in_transformers(arch_cfg, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     expected_class = "MistralForCausalLM" if arch_cfg.sliding_window else "LlamaForCausalLM"
     assert type(hf).__name__ == expected_class
-    ids = tokens(arch_cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_same_logits(model, hf, arch_cfg)
 
 
 def test_window_matters_at_this_length(micro_cfg):
@@ -88,16 +92,14 @@ def test_tied_embeddings_round_trip(micro_cfg, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     model = from_hf(tmp_path / "hf")
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    ids = tokens(cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_same_logits(model, hf, cfg)
 
 
 def test_native_model_dir_round_trip(micro_cfg, tmp_path):
     torch.manual_seed(0)
     model = build_model(micro_cfg).eval()
     save_model_dir(model, tmp_path / "m")
-    again = load_model_dir(tmp_path / "m").eval()
+    again = load_model(tmp_path / "m").eval()
     ids = tokens(micro_cfg)
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids), atol=0, rtol=0)
@@ -109,7 +111,7 @@ def test_checkpoint_of_another_shape_names_the_tensor(micro_cfg, tmp_path):
     cfg_file = tmp_path / "m" / "config.yaml"
     cfg_file.write_text(cfg_file.read_text().replace("intermediate_size: 96", "intermediate_size: 128"))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight"):
-        load_model_dir(tmp_path / "m")
+        load_model(tmp_path / "m")
 
 
 def test_unsupported_hf_architecture_is_named(tmp_path):
@@ -130,9 +132,7 @@ def test_backends_agree_in_the_full_model(micro_cfg):
         torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_load_pretrained_reads_both_formats(micro_cfg, tmp_path):
-    from danube.model.io import load_pretrained
-
+def test_load_model_reads_both_formats(micro_cfg, tmp_path):
     torch.manual_seed(0)
     model = build_model(micro_cfg).eval()
     save_model_dir(model, tmp_path / "native")
@@ -140,6 +140,6 @@ def test_load_pretrained_reads_both_formats(micro_cfg, tmp_path):
     ids = tokens(micro_cfg)
     with torch.no_grad():
         for path in ("native", "hf"):
-            torch.testing.assert_close(load_pretrained(tmp_path / path).eval()(ids), model(ids))
+            torch.testing.assert_close(load_model(tmp_path / path).eval()(ids), model(ids))
     with pytest.raises(FileNotFoundError, match="not a model directory; the model directories in it: .*native"):
-        load_pretrained(tmp_path)
+        load_model(tmp_path)

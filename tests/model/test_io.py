@@ -6,7 +6,8 @@ import torch
 import danube.model.io as io
 from danube.hf import to_hf
 from danube.model import build_model
-from danube.model.io import load_model_dir, save_model_dir
+from danube.model.io import save_model_dir
+from danube.model.loading import load_model
 
 
 @pytest.mark.parametrize("write", [save_model_dir, to_hf], ids=["model_dir", "hf_dir"])
@@ -35,4 +36,4 @@ def test_saving_over_a_model_directory_replaces_it(micro_cfg, tmp_path):
     new = build_model(micro_cfg)
     save_model_dir(new, tmp_path / "m")
     assert not (tmp_path / "m" / "stale.txt").exists()
-    torch.testing.assert_close(load_model_dir(tmp_path / "m").state_dict(), new.state_dict(), atol=0, rtol=0)
+    torch.testing.assert_close(load_model(tmp_path / "m").state_dict(), new.state_dict(), atol=0, rtol=0)

@@ -1,13 +1,12 @@
-"""Every YAML of every config group composes, and its objects instantiate."""
+"""Every YAML of every config group composes, and what it configures is built from it."""
 
 import subprocess
 import sys
 
 import pytest
-from hydra.utils import instantiate
 
 from danube.model import DanubeConfig
-from danube.tasks.train import stage_plans, validate
+from danube.tasks.train import model_config, stage_plans, validate
 from tests.conftest import CONF, REPO
 from tests.train.conftest import compose_train
 
@@ -26,7 +25,7 @@ def test_every_option_composes(group, option):
         if option == "multinode":  # 16 GPUs: ~1.18M does not divide by 16 x 16,384
             overrides += ["train.global_batch_tokens=1_048_576"]
     cfg = compose_train(overrides)
-    assert isinstance(instantiate(cfg.model), DanubeConfig)
+    assert isinstance(model_config(cfg), DanubeConfig)  # the one path from conf/model/*.yaml to the model
     assert stage_plans(cfg)  # the recipe divides into steps on this trainer
 
 
@@ -48,7 +47,7 @@ def test_experiments_compose():
 
     # finetune.py's experiments are composed in tests/chat/test_finetune.py.
     for option in options("experiment"):
-        if experiment_owner(option) == "train":
+        if experiment_owner(option, CONF) == "train":
             compose_train([f"experiment={option}"])
 
 
@@ -79,8 +78,18 @@ def test_plan_prints_the_schedule_without_a_gpu():
         (["trainer=h100x1"], RuntimeError, "no CUDA device"),
         (["precision=fp8"], RuntimeError, "precision=fp8 needs a CUDA GPU"),
         (["model.n_kv_head=3"], ValueError, "not a multiple of n_kv_head"),
+        (["data.kind=parquet"], ValueError, "data.kind='parquet'; allowed: sample, sample_sources, shards"),
     ],
 )
 def test_bad_config_fails_before_any_work(overrides, error, message):
     with pytest.raises(error, match=message):
         validate(compose_train(overrides))
+
+
+def test_the_old_name_of_model_dir_still_works_with_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="danube.tasks.common"):
+        with pytest.raises(FileNotFoundError, match=f"model_dir={tmp_path / 'nope'}: no such directory"):
+            validate(compose_train([f"init_from={tmp_path / 'nope'}"]))
+    assert "train.py: init_from= is deprecated and goes in the next release; use model_dir=" in caplog.text
+    with pytest.raises(ValueError, match="init_from=a and model_dir=b: init_from is the old name of model_dir"):
+        validate(compose_train(["init_from=a", "model_dir=b"]))

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from danube import rundir
 from danube.checkpoints import check_checkpoint, load_checkpoint, step_checkpoints
-from danube.model.io import CorruptFileError, load_model_dir
+from danube.model.io import CorruptFileError
+from danube.model.loading import load_model
 from danube.plot import read_scalars
 from danube.tasks.train import run
 from tests.conftest import REPO
@@ -149,7 +151,7 @@ def test_a_kill_during_the_model_write_is_finished_on_the_next_run(small_run, mo
     result = run(cfg)
     assert result.model_dir.is_dir() and result.tokens_seen == TOTAL
     final = load_checkpoint(run_dir / "seq128" / "final.ckpt")
-    for name, value in load_model_dir(result.model_dir).state_dict().items():
+    for name, value in load_model(result.model_dir).state_dict().items():
         assert torch.equal(value, final["state_dict"][f"model.{name}"]), name
     assert not (run_dir / "seq128" / ".model.tmp-999999-abc").exists()
     # deleted by hand: written again from final.ckpt, not reported complete without it
@@ -216,13 +218,13 @@ def test_damaged_weights_are_refused_naming_the_file(small_run, tmp_path, capsys
     data[len(data) // 2: len(data) // 2 + 4096] = os.urandom(4096)
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError, match=r"corrupt file .*model.safetensors: its sha256"):
-        load_model_dir(model_dir)
+        load_model(model_dir)
     assert cli_main(["export-hf", str(model_dir), str(tmp_path / "hf")]) == 1
     assert "corrupt file" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     weights.write_bytes(b"\x00" * 64)  # a broken header, checksum file gone too
     (model_dir / "checksums.sha256").unlink()
     with pytest.raises(CorruptFileError, match=r"model.safetensors: not a readable safetensors file"):
-        load_model_dir(model_dir)
+        load_model(model_dir)
 
 
 def test_non_finite_weights_are_refused(tmp_path):
@@ -234,7 +236,7 @@ def test_non_finite_weights_are_refused(tmp_path):
         model.lm_head.weight[0, 0] = float("nan")
     save_model_dir(model, tmp_path / "m")  # written with a valid checksum: the NaN is what was saved
     with pytest.raises(CorruptFileError, match="lm_head.weight.*NaN"):
-        load_model_dir(tmp_path / "m")
+        load_model(tmp_path / "m")
 
 
 # -- one run per directory, and what it was run with ------------------------------------------
@@ -248,6 +250,12 @@ def test_changing_what_makes_the_run_is_refused_and_nothing_is_rewritten(small_r
     assert (tmp_path / "run" / "config.yaml").read_text() == config
     assert len(list((tmp_path / "run" / "history").glob("*.yaml"))) == 1
     run(compose_train([*small_run, "train.log_every_n_steps=2"]))  # cosmetic: fine on a finished run
+    # What the previous release recorded: init_from (now model_dir) and model._target_. The same run still.
+    old = yaml.safe_load(config)
+    old["init_from"] = old.pop("model_dir")
+    old["model"]["_target_"] = "danube.model.DanubeConfig"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert run(compose_train(small_run)).complete
 
 
 def test_an_unfinished_run_takes_a_new_lr_and_records_it(small_run, tmp_path):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from danube.model.io import load_model_dir
+from danube.model.loading import load_model
 from danube.plot import read_scalars
 from danube.tasks.train import run, validate
 from tests.train.conftest import SMALL, compose_train
@@ -110,7 +110,7 @@ def test_debug_fast_pretrains_in_bf16_end_to_end(tmp_path, data_root):
     assert len(norms) == 4 and all(math.isfinite(v) and v > 0 for v in norms)
     assert all(math.isfinite(v) for _, v in scalars["train/loss"] + scalars["val/loss"])
     assert result.final_val_loss < math.log(4096)  # learnt something in 4 steps
-    assert load_model_dir(result.model_dir).cfg.sliding_window == 48
+    assert load_model(result.model_dir).cfg.sliding_window == 48
 
 
 def test_fp8_packages_are_imported_only_when_fp8_is_asked_for():

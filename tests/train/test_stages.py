@@ -1,4 +1,4 @@
-"""Danube2 on CPU: data stages with their own mixtures, init_from a model directory, the tiny chain.
+"""Danube2 on CPU: data stages with their own mixtures, starting from a model directory (model_dir), the tiny chain.
 
 The chain is the report's section 7 in miniature: a Danube-1-style model (sliding window,
 a 1,000-piece tokenizer trained on pydoc prose) -> `danube swap-tokenizer` to the sample's
@@ -18,7 +18,8 @@ from danube.data.prepare import prepare
 from danube.data.sample import SOURCES
 from danube.lit.pretrain import PretrainModule
 from danube.model import build_model
-from danube.model.io import load_model_dir, read_config, save_model_dir
+from danube.model.io import read_config, save_model_dir
+from danube.model.loading import load_model
 from danube.plot import read_scalars
 from danube.schedule import lr_at
 from danube.tasks.train import model_config, run, validate
@@ -44,8 +45,8 @@ WEIGHTS = {  # conf/recipe/tiny_danube2.yaml
 }
 
 
-def continuation(data_root, run_dir, init_from, *extra):
-    return compose_train(["experiment=danube2_continue_tiny", *SHAPES, *BUDGET, f"init_from={init_from}",
+def continuation(data_root, run_dir, model_dir, *extra):
+    return compose_train(["experiment=danube2_continue_tiny", *SHAPES, *BUDGET, f"model_dir={model_dir}",
                           f"paths.data_dir={data_root}", f"run_dir={run_dir}", *extra])
 
 
@@ -144,7 +145,7 @@ def test_module_starts_from_a_model_directory_exactly(tmp_path):
                             seq_len=64, init_from=str(saved))
     module.configure_model()
     module._start_from_model_dir(str(saved))
-    want = load_model_dir(saved).state_dict()
+    want = load_model(saved).state_dict()
     for name, value in module.model.state_dict().items():
         assert torch.equal(value, want[name]), name
     assert module.tokens_seen == 0 and module.source_tokens_total == []  # a fresh start: no tokens carried
@@ -161,7 +162,7 @@ def test_module_starts_from_a_model_directory_exactly(tmp_path):
     ],
 )
 def test_bad_mixtures_fail_before_any_work(overrides, message, tmp_path):
-    cfg = compose_train(["experiment=danube2_continue_tiny", f"init_from={tmp_path}", "plan=true", *overrides])
+    cfg = compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path}", "plan=true", *overrides])
     with pytest.raises(ValueError, match=message):
         validate(cfg)
 
@@ -174,16 +175,16 @@ def test_plan_shows_each_stage_mixture(capsys):
     assert "| data3 | 8,192 | 49,999,380,480 |" in out and "web 55.5%, instruct 13.0%" in out
 
 
-def test_init_from_must_fit_the_model_and_the_data(tmp_path, data_root, sp_model):
+def test_the_start_model_must_fit_the_model_and_the_data(tmp_path, data_root, sp_model):
     base = [*SHAPES, *BUDGET, f"paths.data_dir={data_root}", f"run_dir={tmp_path}/run"]
-    with pytest.raises(FileNotFoundError, match="init_from=.*not a model directory"):
-        validate(compose_train(["experiment=danube2_continue_tiny", f"init_from={tmp_path}", *base]))
-    other = compose_train(["experiment=danube2_continue_tiny", f"init_from={tmp_path}", *base,
+    with pytest.raises(FileNotFoundError, match="model_dir=.*not a model directory"):
+        validate(compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path}", *base]))
+    other = compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path}", *base,
                            "model.intermediate_size=96"])
     save_model_dir(build_model(model_config(other)), tmp_path / "narrow", tokenizer=sp_model)
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \[96, 64\]"):
-        validate(compose_train(["experiment=danube2_continue_tiny", f"init_from={tmp_path / 'narrow'}", *base]))
-    cfg = compose_train(["experiment=danube2_continue_tiny", f"init_from={tmp_path / 'oldtok'}", *base])
+        validate(compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path / 'narrow'}", *base]))
+    cfg = compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path / 'oldtok'}", *base])
     save_model_dir(build_model(model_config(cfg)), tmp_path / "oldtok", tokenizer=sp_model)
     with pytest.raises(ValueError, match="danube swap-tokenizer"):
         run(cfg)  # the sample's tokenizer is not the directory's: refused before any step

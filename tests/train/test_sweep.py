@@ -15,8 +15,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from danube.cli import main as cli_main
-from danube.sweep import check_multirun_job, find_jobs, objective, sweep_report
-from danube.tasks.train import TrainResult, validate
+from danube.sweep import find_jobs, objective, sweep_report
+from danube.tasks.train import TrainResult, check_multirun_job, validate
 from tests.conftest import CONF, REPO
 from tests.train.conftest import compose_train
 
@@ -36,15 +36,71 @@ def test_objective_is_the_final_val_loss_and_inf_when_missing_or_diverged(caplog
 
 
 def test_multirun_refuses_a_shared_run_dir_and_several_devices(monkeypatch):
-    import danube.tasks.common as common
+    import danube.tasks.train as train
 
-    monkeypatch.setattr(common, "hydra_mode_is_multirun", lambda: True)
+    monkeypatch.setattr(train, "hydra_mode_is_multirun", lambda: True)
     with pytest.raises(ValueError, match="every job would write"):
         check_multirun_job(compose_train(["run_dir=/tmp/one_dir"]))
     gpus = compose_train(["trainer=h100x8", "model=danube_1p8b"])
     with pytest.raises(ValueError, match="8 devices in a multirun"):
         check_multirun_job(gpus)
     check_multirun_job(compose_train([]))  # one device, run_dir per job: fine
+
+
+def _hydra_config(job_dir: Path, mode: str = "MULTIRUN"):
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"hydra": {"mode": RunMode[mode], "runtime": {"output_dir": str(job_dir)},
+                                       "overrides": {"task": ["optim.lr=0.01", "name=a b"]}}})
+
+
+def _job_return(value, status="COMPLETED"):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    ret = JobReturn()
+    ret.cfg = OmegaConf.create({"stage": "all", "recipe": {"stages": [{"name": "seq64"}, {"name": "seq128"}]}})
+    ret.return_value, ret.status = value, JobStatus[status]
+    return ret
+
+
+def test_a_multirun_job_records_its_overrides_then_its_outcome(tmp_path):
+    """The Hydra callback of conf/train.yaml: what sweep-report reads of each job."""
+    from danube.sweep import RecordJob
+
+    root, record = tmp_path / "multirun", RecordJob()
+    job = root / "0"
+    record.on_job_start(_hydra_config(job))
+    (started,) = find_jobs(root)
+    assert started.overrides == {"optim.lr": "0.01", "name": "a b"} and started.status == "incomplete"
+    (job / "seq128").mkdir(parents=True)
+    (job / "seq128" / "complete.json").write_text(json.dumps({"tokens_seen": 1024, "final_val_loss": 4.5,
+                                                              "final_train_loss": 4.0}))
+    record.on_job_end(_hydra_config(job), _job_return(4.5))
+    assert json.loads((job / "result.json").read_text()) == {
+        "status": "complete", "objective": 4.5, "final_val_loss": 4.5, "final_train_loss": 4.0, "tokens_seen": 1024}
+    record.on_job_end(_hydra_config(job), _job_return(math.inf))
+    assert json.loads((job / "result.json").read_text())["status"] == "diverged"
+    (job / "seq128" / "complete.json").unlink()  # stopped at train.max_steps
+    record.on_job_end(_hydra_config(job), _job_return(4.75))
+    assert json.loads((job / "result.json").read_text()) == {"status": "incomplete", "objective": 4.75}
+    record.on_job_end(_hydra_config(job), _job_return(ValueError("optim.lr=-1 must be > 0"), "FAILED"))
+    assert json.loads((job / "result.json").read_text()) == {"status": "failed",
+                                                            "error": "ValueError: optim.lr=-1 must be > 0"}
+    single = tmp_path / "single"
+    record.on_job_start(_hydra_config(single, "RUN"))
+    record.on_job_end(_hydra_config(single, "RUN"), _job_return(4.5))
+    assert not single.exists()  # a single run is no sweep's job
+
+
+def test_train_yaml_configures_the_callback():
+    from hydra.utils import instantiate
+
+    from danube.sweep import RecordJob
+
+    callbacks = compose_sweep([]).hydra.callbacks
+    assert [type(instantiate(c)) for c in callbacks.values()] == [RecordJob]
 
 
 # -- the configs ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from danube.model.io import load_model_dir
+from danube.model.loading import load_model
 from danube.plot import plot_run, read_scalars
 from danube.schedule import lr_at
 from danube.tasks.common import AtomicCheckpointIO
@@ -55,7 +55,7 @@ def test_training_lowers_validation_loss(two_stage_run):
 
 
 def test_final_model_directory_has_weights_and_tokenizer(two_stage_run):
-    model = load_model_dir(two_stage_run.model_dir)
+    model = load_model(two_stage_run.model_dir)
     assert (two_stage_run.model_dir / "tokenizer.model").is_file()
     assert model.cfg.n_layer == 2 and model.cfg.sliding_window == 48
 

@@ -31,7 +31,7 @@ Message = dict[str, str]
 
 
 class ChatTokenizer(Protocol):
-    """What prompts need: :class:`danube.data.tokenizer.Tokenizer` or :class:`danube.eval.loading.TextTokenizer`."""
+    """What prompts need: :class:`danube.data.tokenizer.Tokenizer` or :class:`danube.eval.inference.TextTokenizer`."""
 
     bos_id: int
     eos_id: int

@@ -36,7 +36,7 @@ import torch
 
 from danube.data.chat import TrainingTokenizer, check_messages, encode_conversation
 from danube.data.records import ReadStats, RecordError, Rows, Schema, Source, as_source, text_field
-from danube.data.sft import IGNORE
+from danube.losses import IGNORE
 
 log = logging.getLogger(__name__)
 

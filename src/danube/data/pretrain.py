@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from danube.data.prepare import check_tokenizer, read_manifest
-from danube.schedule import check_weights
+from danube.schedule import check_mixture
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,8 @@ class _Limited:
         return n if self.n is None else min(n, self.n)
 
 
-def _source_dict(sources: dict[str, str] | list[str] | str) -> dict[str, Path]:
+def named_sources(sources: dict[str, str] | list[str] | str) -> dict[str, Path]:
+    """``{name: directory}`` of the sources: as given, or a directory (or a list) named after its last component."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if isinstance(sources, dict) or hasattr(sources, "items"):
@@ -240,7 +240,7 @@ class PretrainDataModule(L.LightningDataModule):
             raise ValueError(f"seq_len and micro_batch_size must be positive, got {seq_len} and {micro_batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.sources = _source_dict(sources)
+        self.sources = named_sources(sources)
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.seed = seed
@@ -250,12 +250,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.val_batches = val_batches
         self.world_size = world_size
         if weights is not None:
-            unknown = set(weights) - set(self.sources)
-            missing = set(self.sources) - set(weights)
-            if unknown or missing:
-                raise ValueError(f"mixture weights must name exactly the sources {sorted(self.sources)}; "
-                                 f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
-            check_weights(weights, "mixture")
+            check_mixture(weights, list(self.sources), "mixture weights")
         self._weights_arg = weights
         self.weights: dict[str, float] | None = None
         self.manifests: dict[str, dict] = {}
@@ -404,11 +399,3 @@ class PretrainDataModule(L.LightningDataModule):
         else:
             self._pending_state = state
 
-    def describe(self) -> str:
-        """One line per source: directory, weight and training tokens (for the run log)."""
-        lines = []
-        for name, directory in self.sources.items():
-            tokens = self.manifests.get(name, {}).get("totals", {}).get("train", {}).get("tokens", math.nan)
-            weight = (self.weights or {}).get(name, math.nan)
-            lines.append(f"{name}: {directory} weight {weight:.3f}, {tokens:,} train tokens")
-        return "\n".join(lines)

@@ -31,21 +31,19 @@ first label of each sample is -100 so no sample is trained to predict another's 
 from __future__ import annotations
 
 import logging
-import math
-import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from danube.data.chat import TrainingTokenizer, check_messages, encode_conversation
 from danube.data.records import ReadStats, RecordError, Rows, Schema, Source, as_source, text_field
+from danube.losses import IGNORE
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TRUNCATION = ("truncate", "drop")
 
@@ -267,74 +265,3 @@ def collate(items: Sequence[Sample | Packed], pad_id: int) -> dict[str, torch.Te
             seg[r, :n] = torch.tensor(x.segment_ids)
         batch.update(position_ids=pos, segment_ids=seg)
     return batch
-
-
-# -- optimizer steps --------------------------------------------------------------------------
-def step_plan(n_items: int, micro_batch_size: int, accumulate: int, world_size: int, epochs: int, seed: int,
-              shuffle: bool = True) -> list[list[list[list[int]]]]:
-    """Item indices as steps -> ranks -> micro-batches -> items, the same on every rank.
-
-    Every optimizer step holds ``accumulate`` micro-batches per rank (the last step may
-    hold fewer, equally on every rank). Items that cannot give every rank a micro-batch
-    at the very end are left out (counted in the log).
-    """
-    order: list[int] = []
-    for epoch in range(epochs):
-        perm = list(range(n_items))
-        if shuffle:
-            random.Random(seed + epoch).shuffle(perm)
-        order += perm
-    # Epochs run back to back in one stream, so every step but the very last is full:
-    # Lightning's accumulation boundaries (every `accumulate` micro-batches) then match.
-    micro = [order[i: i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-    usable = len(micro) // world_size * world_size
-    left_out = sum(len(m) for m in micro[usable:])
-    micro = micro[:usable]
-    per_step = accumulate * world_size
-    steps = []
-    for s in range(0, len(micro), per_step):
-        chunk = micro[s: s + per_step]
-        steps.append([chunk[r::world_size] for r in range(world_size)])
-    if left_out:
-        log.info("%d samples left out at the end (too few to give each of %d ranks a micro-batch)", left_out, world_size)
-    return steps
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """This rank's micro-batches, in order, each carrying its optimizer step's loss-token count.
-
-    ``step_loss_tokens`` counts the trained tokens of every micro-batch of the step on
-    every rank, so each micro-batch can divide its summed token loss by the count of the
-    whole optimizer step: accumulated gradients then equal one big batch's gradient.
-    """
-
-    def __init__(self, items: Sequence[Any], plan: list[list[list[list[int]]]], rank: int,
-                 collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
-                 count: Callable[[Any], int] = lambda x: x.loss_tokens) -> None:
-        self.items, self.collate_fn = items, collate_fn
-        self.batches: list[tuple[list[int], int, int]] = []  # (indices, step loss tokens, micro-batches in step)
-        for step in plan:
-            total = sum(count(items[i]) for ranks in step for micro in ranks for i in micro)
-            for micro in step[rank]:
-                self.batches.append((micro, total, len(step[rank])))
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        indices, total, n_micro = self.batches[i]
-        batch = self.collate_fn([self.items[j] for j in indices])
-        batch["step_loss_tokens"] = torch.tensor(total)
-        batch["step_micro_batches"] = torch.tensor(n_micro)
-        return batch
-
-
-def micro_batches_per_step(batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """Gradient accumulation giving ``batch_size`` samples per optimizer step over all ranks."""
-    per_pass = micro_batch_size * world_size
-    if batch_size % per_pass:
-        raise ValueError(
-            f"train.batch_size={batch_size} is not a multiple of train.micro_batch_size={micro_batch_size} x "
-            f"{world_size} device(s)"
-        )
-    return max(1, math.ceil(batch_size / per_pass))

@@ -11,7 +11,7 @@ from typing import TextIO
 def chat_main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     import torch
 
-    from danube.eval.loading import load_for_eval
+    from danube.eval.inference import load_for_eval
     from danube.eval.mt_bench import encode_chat
     from danube.model.generate import SamplingParams, generate
 
@@ -64,15 +64,16 @@ def _sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int, repetit
                         help="transformers' meaning: > 1 makes tokens already in the text less likely")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the directory's own")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:N or mps: "
+                        "the values evaluate.py's device= takes")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
 
 
 def generate_main(argv: list[str], stdout: TextIO | None = None) -> int:
     """``danube generate MODEL PROMPT``: the prompt and its continuation, once or ``--num-samples`` times."""
     import torch
 
-    from danube.eval.loading import load_for_eval
+    from danube.eval.inference import load_for_eval
     from danube.model.generate import SamplingParams, generate
 
     parser = argparse.ArgumentParser(

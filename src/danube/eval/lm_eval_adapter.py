@@ -24,7 +24,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from danube.eval.loading import TextTokenizer, default_repetition_penalty, load_for_eval
+from danube.eval.inference import default_repetition_penalty, load_for_eval
 from danube.model.generate import SamplingParams, generate
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from danube.data.chat import encode_chat_prompt
-from danube.eval.loading import TextTokenizer
+from danube.eval.inference import TextTokenizer
 from danube.model import Danube
 from danube.model.generate import SamplingParams, generate
 

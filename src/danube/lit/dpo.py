@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from danube.lit.sft import FinetuneModule
+from danube.lit.finetune import FinetuneModule
 from danube.losses import dpo_loss, sequence_logps
 
 

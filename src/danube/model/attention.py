@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,32 +134,43 @@ def windowed_sdpa(q: Tensor, k: Tensor, v: Tensor, window: int, block: int | Non
     return y.reshape(b, n, h, block, d).transpose(1, 2).reshape(b, h, n * block, d)[:, :, :t]
 
 
-def sdpa_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    window: int | None,
-    q_pos: Tensor | None = None,
-    k_pos: Tensor | None = None,
-    q_seg: Tensor | None = None,
-    k_seg: Tensor | None = None,
-    memo: dict | None = None,
-) -> Tensor:
-    """q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` -> ``(B, H, Tq, D)``."""
-    tq, tk = q.shape[2], k.shape[2]
+class Layout(NamedTuple):
+    """Where the tokens of a pass sit: RoPE positions ``(B, Tq)``/``(B, Tk)`` and segment ids (or None)."""
+
+    q_pos: Tensor
+    k_pos: Tensor
+    q_seg: Tensor | None = None
+    k_seg: Tensor | None = None
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, q_pos=None, k_pos=None, q_seg=None, k_seg=None) -> Layout:
+        """As given, or keys at ``0..Tk-1`` with the queries the last ``Tq`` of them (a KV cache's new tokens)."""
+        if q_pos is None:
+            b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+            q_pos = torch.arange(tk - tq, tk, device=q.device).expand(b, tq)
+            k_pos = torch.arange(tk, device=q.device).expand(b, tk)
+        return cls(q_pos, k_pos, q_seg, k_seg)
+
+
+def _memoized(memo: dict | None, key: str, build):
+    """``build()``, once per ``memo`` (one forward pass: every layer shares one mask)."""
+    if memo is None:
+        return build()
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, layout: Layout | None = None,
+                   memo: dict | None = None) -> Tensor:
+    """q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` -> ``(B, H, Tq, D)``; ``layout`` None: positions ``0..T-1``."""
     gqa = q.shape[1] != k.shape[1]
-    if q_pos is None and q_seg is None and tq == tk:
-        if window is None or tq <= window:
+    if layout is None and q.shape[2] == k.shape[2]:
+        if window is None or q.shape[2] <= window:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return windowed_sdpa(q, k, v, window)
-    mask = None if memo is None else memo.get("mask")
-    if mask is None:
-        if q_pos is None:
-            q_pos = torch.arange(tk - tq, tk, device=q.device).expand(q.shape[0], tq)
-            k_pos = torch.arange(tk, device=q.device).expand(q.shape[0], tk)
-        mask = build_mask(q_pos, k_pos, window, q_seg, k_seg)
-        if memo is not None:
-            memo["mask"] = mask
+    layout = layout or Layout.of(q, k)
+    mask = _memoized(memo, "mask", lambda: build_mask(*layout[:2], window, *layout[2:]))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -169,17 +181,8 @@ def _compiled_flex():
     return torch.compile(_flex, dynamic=False)
 
 
-def flex_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    window: int | None,
-    q_pos: Tensor | None = None,
-    k_pos: Tensor | None = None,
-    q_seg: Tensor | None = None,
-    k_seg: Tensor | None = None,
-    memo: dict | None = None,
-) -> Tensor:
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None, layout: Layout | None = None,
+                   memo: dict | None = None) -> Tensor:
     """FlexAttention with a block mask; same shapes and semantics as :func:`sdpa_attention`.
 
     The block mask is built once per forward pass (``memo`` is shared by all layers).
@@ -188,26 +191,19 @@ def flex_attention(
     from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
-    b, _, tq, _ = q.shape
-    tk = k.shape[2]
-    block_mask = None if memo is None else memo.get("block_mask")
-    if block_mask is None:
-        if q_pos is None:
-            q_pos = torch.arange(tk - tq, tk, device=q.device).expand(b, tq)
-            k_pos = torch.arange(tk, device=q.device).expand(b, tk)
+    q_pos, k_pos, q_seg, k_seg = layout or Layout.of(q, k)
 
-        def mask_mod(bi, h, qi, ki):
-            diff = q_pos[bi, qi] - k_pos[bi, ki]
-            keep = diff >= 0
-            if window is not None:
-                keep = keep & (diff < window)
-            if q_seg is not None:
-                keep = keep & (q_seg[bi, qi] == k_seg[bi, ki])
-            return keep
+    def mask_mod(bi, h, qi, ki):
+        diff = q_pos[bi, qi] - k_pos[bi, ki]
+        keep = diff >= 0
+        if window is not None:
+            keep = keep & (diff < window)
+        if q_seg is not None:
+            keep = keep & (q_seg[bi, qi] == k_seg[bi, ki])
+        return keep
 
-        block_mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=tq, KV_LEN=tk, device=q.device)
-        if memo is not None:
-            memo["block_mask"] = block_mask
+    block_mask = _memoized(memo, "block_mask", lambda: create_block_mask(
+        mask_mod, B=q.shape[0], H=None, Q_LEN=q.shape[2], KV_LEN=k.shape[2], device=q.device))
     kernel = _compiled_flex() if q.is_cuda else _flex
     return kernel(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -260,6 +256,7 @@ def attention(
         if cached:
             raise RuntimeError("attn_backend='flash' does not serve KV-cached decoding; use sdpa or auto")
         return flash_attention(q, k, v, window, q_seg)
-    if name == "flex":
-        return flex_attention(q, k, v, window, q_pos, k_pos, q_seg, k_seg, memo)
-    return sdpa_attention(q, k, v, window, q_pos, k_pos, q_seg, k_seg, memo)
+    explicit = q_pos is not None or q_seg is not None
+    layout = Layout.of(q, k, q_pos, k_pos, q_seg, k_seg) if explicit else None
+    kernel = flex_attention if name == "flex" else sdpa_attention
+    return kernel(q, k, v, window, layout, memo)

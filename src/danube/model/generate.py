@@ -107,9 +107,11 @@ def generate(
     """Continue each prompt; returns the new token ids per prompt (stop token not included).
 
     A row stops at any of ``params.stop_token_ids``, when its decoded continuation
-    contains one of ``params.stop_strings`` (needs ``decode``; the text is not cut
-    here, see :func:`truncate_at_stop`), or after ``max_new_tokens``. Finished rows are
-    dropped from the batch (and the cache) so the rest decode faster.
+    contains one of ``params.stop_strings`` (needs ``decode``), or after
+    ``max_new_tokens``. A row stopped by a string keeps the tokens that spell it: cutting
+    the text is the caller's (``DanubeLM.generate_until`` leaves it to lm-eval's own
+    post-processing, as lm-eval's ``hf`` model does). Finished rows are dropped from the
+    batch (and the cache) so the rest decode faster.
     """
     if not prompts:
         return []
@@ -164,11 +166,3 @@ def generate(
     model.train(was_training)
     return outputs
 
-
-def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """Cut ``text`` at the first occurrence of any stop string."""
-    cut = len(text)
-    for s in stop_strings:
-        if s and (i := text.find(s)) >= 0:
-            cut = min(cut, i)
-    return text[:cut]

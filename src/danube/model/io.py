@@ -10,9 +10,10 @@ A model directory holds::
     checksums.sha256        # sha256 of the files above (`sha256sum -c checksums.sha256` reads it)
 
 Directories are written to a temporary sibling and renamed into place, so a crash
-mid-write never leaves a half-written model where a good one was. Loading verifies the
+mid-write never leaves a half-written model where a good one was. Reading verifies the
 checksums (a file changed since it was written is refused, naming it) and refuses
-weights that are not finite.
+weights that are not finite. Commands load models through :func:`danube.model.loading.load_model`,
+which reads this format and Hugging Face's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from danube.files import atomic_dir
 from danube.model.config import DanubeConfig
-from danube.model.transformer import Danube, build_model
+from danube.model.transformer import Danube
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ TOKENIZER_FILE = "tokenizer.model"
 GENERATION_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHECKSUM_FILE = "checksums.sha256"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # a peft LoRA adapter directory (danube.lora)
 
 
 class CorruptFileError(ValueError):
@@ -148,22 +150,6 @@ def read_config(path: str | Path) -> DanubeConfig:
         raise ValueError(f"{file}: {err}") from err
 
 
-def load_model_dir(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
-) -> Danube:
-    """Load a native model directory; ``overrides`` replace config fields (e.g. ``attn_backend``)."""
-    path = check_model_dir(path, hf=False)
-    cfg = read_config(path)
-    if overrides:
-        cfg = DanubeConfig.from_dict({**cfg.to_dict(), **overrides})
-    weights = path / WEIGHTS_FILE
-    model = build_model(cfg, device="meta")
-    state = read_weights(path, device)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    return load_weights(model, state, str(weights))
-
-
 def read_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """A model directory's state dict, checksum-verified (when recorded) and finite."""
     path = Path(path)
@@ -221,7 +207,7 @@ def check_model_dir(path: str | Path, what: str = "", hf: bool = True) -> Path:
 
     The error says what ``path`` is instead: missing, a file, or a run directory, naming
     the model directories inside it (``runs/tiny`` -> ``runs/tiny/seq256/model``).
-    ``what`` names the option it came from (``model_path``) for the message.
+    ``what`` names the option it came from (``model_dir``) for the message.
     """
     path = Path(path)
     if is_model_dir(path) or (hf and is_hf_dir(path)):
@@ -243,6 +229,9 @@ def check_model_dir(path: str | Path, what: str = "", hf: bool = True) -> Path:
                                 "writes its `model` directory when it completes")
     if (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{name}: {WEIGHTS_FILE} is missing beside {CONFIG_FILE}")
+    if (path / ADAPTER_CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{name} is a LoRA adapter directory, not a model directory: `danube merge-lora {path} "
+                                "OUTPUT` writes its base model with the adapter merged in, a model directory")
     wanted = f"{CONFIG_FILE} + {WEIGHTS_FILE} (danube)" + (" or config.json + weights (Hugging Face)" if hf else "")
     raise FileNotFoundError(f"{name} is not a model directory: it has no {wanted}, and none is inside it")
 
@@ -295,15 +284,3 @@ def saved_state(model: Danube) -> dict[str, torch.Tensor]:
     if model.cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
-
-
-def load_pretrained(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
-) -> Danube:
-    """Load a danube model directory or a Hugging Face Llama/Mistral directory."""
-    path = check_model_dir(path)
-    if is_model_dir(path):
-        return load_model_dir(path, device, dtype, **overrides)
-    from danube.hf import from_hf
-
-    return from_hf(path, dtype=dtype, **overrides).to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -10,14 +11,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from danube.checkpoints import AtomicCheckpointIO
 from danube.errors import USER_ERRORS, MissingHardware
+from danube.model import DanubeConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,58 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.runs_dir) / str(name or "run")
 
 
+def current_names(cfg: DictConfig, renamed: Mapping[str, str], script: str) -> DictConfig:
+    """``cfg`` with the keys renamed in this release under their new names; the old names still work, with a warning.
+
+    ``renamed`` maps old to new (``{"init_from": "model_dir"}``). When an old key is set,
+    its value goes to the new key and a warning names the new key; giving both with
+    different values is an error. The returned copy has no old key, so the config a run
+    records holds the new names only. Idempotent: a config without old keys is returned as is.
+    """
+    present = [old for old in renamed if old in cfg]
+    if not present:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for old in present:
+            new = renamed[old]
+            value = None if OmegaConf.is_missing(cfg, old) else cfg[old]
+            if value is not None:
+                theirs = None if OmegaConf.is_missing(cfg, new) else cfg.get(new)
+                if theirs is not None and theirs != value:
+                    raise ValueError(f"{old}={value} and {new}={theirs}: {old} is the old name of {new}; give {new} only")
+                log.warning("%s: %s= is deprecated and goes in the next release; use %s=%s", script, old, new, value)
+                cfg[new] = value
+            del cfg[old]
+    return cfg
+
+
+def current_recorded(recorded: dict | None, renamed: Mapping[str, str]) -> dict | None:
+    """A run directory's recorded config with the old key names (written by earlier releases) under the new ones."""
+    if not recorded:
+        return recorded
+    recorded = dict(recorded)
+    for old, new in renamed.items():
+        if old in recorded:
+            value = recorded.pop(old)
+            recorded.setdefault(new, value)
+    return recorded
+
+
+def group_options(group: str) -> list[str]:
+    """The options of config group ``group`` in the configs Hydra composes this run from; [] outside Hydra.
+
+    Hydra's config loader knows its sources (the checkout's ``conf/``, or any other search
+    path): no path is guessed from where this file lies.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance()
+    if not hydra.is_initialized():
+        return []
+    return sorted(hydra.config_loader().get_group_options(group))
+
+
 def world_size(trainer_cfg: DictConfig) -> int:
     devices = trainer_cfg.devices
     if devices in ("auto", -1):
@@ -65,6 +119,18 @@ TRAINER_PRECISIONS = ("32-true", "bf16-mixed")  # fp16 would need a loss scaler:
 
 def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def danube_config(model, where: str = "model") -> DanubeConfig:
+    """The one way from a ``model`` config (``conf/model/*.yaml`` and its overrides) to a :class:`DanubeConfig`.
+
+    ``model`` is the composed ``model`` node, a preset loaded with ``OmegaConf.load``, or a
+    plain mapping; a bad field or value is a ValueError naming ``where``.
+    """
+    try:
+        return DanubeConfig.from_dict(_plain(model))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
 
 
 def check_precision_config(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:

@@ -3,7 +3,7 @@
 Writes ``output_path`` (results JSON) and a Markdown table beside it (same name, ``.md``):
 for lm-eval tasks lm-eval's own table (every metric with its standard error), after the
 report's layout for suites that have one. The table is also logged. The default
-``output_path`` is named after the model path (``runs/tiny/seq256/model`` ->
+``output_path`` is named after the model directory (``runs/tiny/seq256/model`` ->
 ``runs/eval/tiny-seq256-tasks.json``); existing results are never replaced without
 ``overwrite=true``.
 """
@@ -18,10 +18,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from danube.files import atomic_write_text
+from danube.tasks.common import current_names
 
 log = logging.getLogger(__name__)
 
 KINDS = ("lm_eval", "perplexity", "mt_bench")
+# Keys renamed in this release (old -> new): the old names work, with a warning, until the next.
+RENAMED = {"model_path": "model_dir"}
 
 
 def _size(model) -> str:
@@ -29,14 +32,14 @@ def _size(model) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
-def model_label(model_path: str | Path, runs_dir: str | Path) -> str:
+def model_label(model_dir: str | Path, runs_dir: str | Path) -> str:
     """A readable name that tells models apart although every model directory is called ``model``.
 
     Under the runs directory it is the path below it (``runs/tiny/seq256/model`` ->
     ``tiny-seq256``, ``runs/danube_chat_sft/hf`` -> ``danube_chat_sft-hf``); elsewhere the
     directory's name, or its parent's when the directory is called ``model``.
     """
-    path, runs = Path(model_path).resolve(), Path(runs_dir).resolve()
+    path, runs = Path(model_dir).resolve(), Path(runs_dir).resolve()
     try:
         parts = list(path.relative_to(runs).parts)
     except ValueError:
@@ -51,7 +54,7 @@ def output_path(cfg: DictConfig, kind: str, label: str, model_name: str) -> Path
     if cfg.get("output_path"):
         out = Path(cfg.output_path)
     else:
-        out = Path(cfg.paths.runs_dir) / "eval" / f"{model_label(cfg.model_path, cfg.paths.runs_dir)}-{label}.json"
+        out = Path(cfg.paths.runs_dir) / "eval" / f"{model_label(cfg.model_dir, cfg.paths.runs_dir)}-{label}.json"
     files = [out, out.with_suffix(".md")]
     if kind == "mt_bench":
         files += [out.with_name(f"{model_name}.jsonl"), out.with_name(f"{model_name}-judgments.jsonl")]
@@ -70,9 +73,14 @@ def _check(cfg: DictConfig) -> tuple[str, DictConfig | None]:
     kind = suite.get("kind", "lm_eval") if suite else "lm_eval"
     if kind not in KINDS:
         raise ValueError(f"suite.kind={kind!r}; choose one of {KINDS}")
+    from danube.model.loading import resolve_device, resolve_dtype
     from danube.model.io import check_model_dir
 
-    check_model_dir(cfg.model_path, "model_path")
+    if OmegaConf.is_missing(cfg, "model_dir") or cfg.model_dir is None:
+        raise ValueError("model_dir=PATH is required: a danube model directory or a Hugging Face directory")
+    check_model_dir(cfg.model_dir, "model_dir")
+    resolve_device(cfg.device)  # the same values as `danube chat --device`: auto, cpu, cuda, cuda:N, mps
+    resolve_dtype(cfg.dtype)
     if kind == "lm_eval" and not suite and not cfg.get("tasks"):
         raise ValueError("give tasks=[task,...] or suite=danube_table1|open_llm_v1|perplexity|mt_bench")
     if suite and cfg.get("tasks"):
@@ -87,7 +95,8 @@ def _check(cfg: DictConfig) -> tuple[str, DictConfig | None]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.model_path`` as ``cfg`` says; returns what is written to ``output_path``."""
+    """Evaluate ``cfg.model_dir`` as ``cfg`` says; returns what is written to ``output_path``."""
+    cfg = current_names(cfg, RENAMED, "evaluate.py")
     kind, suite = _check(cfg)
     if cfg.get("offline", True):
         from danube.eval.suites import go_offline
@@ -96,10 +105,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(int(cfg.seed))
-    model_name = cfg.get("model_name") or model_label(cfg.model_path, cfg.paths.runs_dir)
+    model_name = cfg.get("model_name") or model_label(cfg.model_dir, cfg.paths.runs_dir)
     label = suite.name if suite else "tasks"
     out_path = output_path(cfg, kind, label, model_name)
-    result: dict[str, Any] = {"model_path": str(cfg.model_path), "model_name": model_name, "suite": label, "kind": kind}
+    result: dict[str, Any] = {"model_dir": str(cfg.model_dir), "model_name": model_name, "suite": label, "kind": kind}
     table = None
 
     if kind == "lm_eval":
@@ -115,7 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from danube.eval.lm_eval_adapter import DanubeLM
 
         lm = DanubeLM(
-            str(cfg.model_path), tokenizer=cfg.get("tokenizer"), device=cfg.device, dtype=cfg.dtype,
+            str(cfg.model_dir), tokenizer=cfg.get("tokenizer"), device=cfg.device, dtype=cfg.dtype,
             batch_size=cfg.batch_size, max_length=cfg.get("max_length"),
         )
         out = run_tasks(lm, tasks, include_path=cfg.get("include_path"), limit=cfg.get("limit"), seed=int(cfg.seed),
@@ -133,7 +142,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     elif kind == "perplexity":
         from danube.eval.perplexity import perplexity
 
-        model = _load_model_only(cfg)
+        from danube.model.loading import load_model
+
+        # Perplexity needs no tokenizer: the shards are token ids already.
+        model = load_model(cfg.model_dir, device=cfg.device, dtype=cfg.dtype, what="model_dir").eval()
         result["perplexity"] = perplexity(model, cfg.data_dir, int(cfg.seq_len), int(cfg.batch_size), cfg.get("max_blocks"))
         p = result["perplexity"]
         table = f"| Model | Data | seq_len | Tokens | Loss | Perplexity |\n|---|---|---:|---:|---:|---:|\n| {model_name} | {p['data_dir']} | {p['seq_len']} | {p['tokens']:,} | {p['loss']:.4f} | {p['perplexity']:.3f} |\n"
@@ -148,19 +160,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _load_model_only(cfg: DictConfig):
-    """Perplexity needs no tokenizer: the shards are token ids already."""
-    import torch
-
-    from danube.eval.loading import DTYPES
-    from danube.model.io import load_pretrained
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_pretrained(cfg.model_path, device=device, dtype=DTYPES[cfg.dtype]).eval()
-
-
 def _mt_bench(cfg: DictConfig, model_name: str, out_path: Path, result: dict[str, Any]) -> str | None:
-    from danube.eval.loading import load_for_eval
+    from danube.eval.inference import load_for_eval
     from danube.data.records import write_jsonl
     from danube.eval.mt_bench import Judge, answer_questions, judge_answers, load_questions, tabulate
     from danube.eval.tables import mt_bench_table
@@ -168,7 +169,7 @@ def _mt_bench(cfg: DictConfig, model_name: str, out_path: Path, result: dict[str
 
     questions = load_questions(cfg.questions, cfg.skip_categories or ())
     judge = Judge(cfg.judge.url, cfg.judge.model, cfg.judge.get("api_key_env"), cfg.judge.get("timeout_s", 120)) if cfg.judge.get("url") else None
-    model, tok = load_for_eval(cfg.model_path, cfg.get("tokenizer"), cfg.device, cfg.dtype)
+    model, tok = load_for_eval(cfg.model_dir, cfg.get("tokenizer"), cfg.device, cfg.dtype)
     params = SamplingParams(
         max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
         repetition_penalty=float(cfg.repetition_penalty),

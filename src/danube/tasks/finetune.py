@@ -23,27 +23,26 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from danube import logs, rundir
+from danube.data.finetune import (LOSSES, ItemSettings, SourceData, build_items, finetune_datamodule,
+                                  micro_batches_per_step, step_plan)
 from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_dir, atomic_write_text
-from danube.model.io import check_model_dir, load_pretrained, save_model_dir, tokenizer_path
-from danube.tasks.common import build_trainer, check_trainer_config, resolve_run_dir, world_size
+from danube.model.io import check_model_dir, save_model_dir, tokenizer_path
+from danube.model.loading import load_model
+from danube.tasks.common import build_trainer, check_trainer_config, group_options, resolve_run_dir, world_size
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("sft", "dpo")
 FINISHED_FILE = "metrics.json"
 
 
@@ -62,20 +61,9 @@ class FinetuneResult:
 SOURCE_OPTIONS = ("format", "lang", "val_split")
 
 
-@dataclass
-class SourceData:
-    """One ``chat_data`` source, resolved: its rows, its held-out rows (``val_split``), format, language."""
-
-    name: str
-    format: str
-    lang: str | None
-    rows: Any  # danube.data.records.Rows
-    val_rows: Any = None
-
-
 def _sources(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if cfg.get("chat_data") is None:
-        options = sorted(p.stem for p in (Path(__file__).resolve().parents[3] / "conf" / "chat_data").glob("*.yaml"))
+        options = group_options("chat_data")
         raise ValueError(f"no chat_data chosen: pass chat_data=NAME ({', '.join(options) or 'see conf/chat_data/'})")
     sources = OmegaConf.to_container(cfg.chat_data.sources, resolve=True)
     if not isinstance(sources, dict) or not sources:
@@ -149,197 +137,8 @@ def load_tokenizer(cfg: DictConfig) -> Tokenizer:
     return Tokenizer(path)
 
 
-@dataclass
-class SourceCounts:
-    """What one source gave, for the log's table and ``metrics.json``."""
-
-    rows: int = 0
-    kept: int = 0  # conversations (SFT) or pairs (DPO) read
-    dropped: int = 0  # by the reader (trees, reply groups, identical pairs)
-    items: int = 0  # tokenized samples or pairs kept
-    truncated: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0  # SFT: answer tokens; DPO: completion tokens
-
-    def add(self, other: "SourceCounts") -> None:
-        for k, v in vars(other).items():
-            setattr(self, k, getattr(self, k) + v)
-
-
-def _item_tokens(item) -> tuple[int, int]:
-    if hasattr(item, "chosen"):  # a tokenized preference pair: two whole rows, completions at their ends
-        completions = len(item.chosen) - item.chosen_start + len(item.rejected) - item.rejected_start
-        return len(item.chosen) + len(item.rejected), completions
-    return len(item.input_ids), item.loss_tokens
-
-
-def read_source(cfg: DictConfig, data: SourceData, rows, tok: Tokenizer, label: str) -> tuple[list, Counter,
-                                                                                             SourceCounts]:
-    """Read and tokenize one split of one source, streaming (only the tokenized items are held)."""
-    from danube.data.records import ReadStats
-
-    max_len = int(cfg.train.max_seq_len)
-    stats = ReadStats()
-    if cfg.loss.name == "sft":
-        from danube.data.sft import iter_conversations, tokenize_conversations
-
-        records = iter_conversations(rows, data.format, lang=data.lang, stats=stats)
-        items, c = tokenize_conversations(tok, records, max_len, str(cfg.train.truncation), source=label)
-        what = "conversations"
-    else:
-        from danube.data.preference import iter_pairs, tokenize_pairs
-
-        items, c = tokenize_pairs(tok, iter_pairs(rows, data.format, lang=data.lang, stats=stats), max_len,
-                                  source=label)
-        what = "pairs"
-    tokens = [_item_tokens(x) for x in items]
-    n = SourceCounts(rows=stats.rows, kept=stats.kept, dropped=sum(stats.dropped.values()), items=len(items),
-                     truncated=sum(v for k, v in c.items() if "truncated" in k),
-                     tokens=sum(t for t, _ in tokens), trained_tokens=sum(t for _, t in tokens))
-    log.info("%s: %s; %d %s tokenized -> %d (%s); %s tokens, %s trained", label, stats.summary(what), stats.kept,
-             what, len(items), ", ".join(f"{v} {k}" for k, v in c.items() if k != "samples") or "none cut or dropped",
-             f"{n.tokens:,}", f"{n.trained_tokens:,}")
-    return items, c, n
-
-
-def hold_out(items: list, fraction: float, seed: int, name: str) -> tuple[list, list]:
-    """(kept for training, held out): a seeded ``fraction`` of ``items``, the same on every rank and run."""
-    if fraction <= 0 or len(items) < 2:
-        return items, []
-    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
-    held = set(random.Random(f"{seed}:{name}").sample(range(len(items)), n_val))
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def log_table(loss: str, lines: list[tuple[str, str | None, SourceCounts, int]], val_items: int) -> SourceCounts:
-    """Log what was read, per source and in all; returns the training total.
-
-    ``lines``: (source, split, counts, items held out); a source's ``val_split`` has a
-    line of its own, named ``NAME (val)``, whose items are all held out. The report's SFT
-    mix totals 157k samples: this is the table to compare with it.
-    """
-    item = "conversations" if loss == "sft" else "pairs"
-    total = SourceCounts()
-    for name, _, n, _ in lines:
-        if not name.endswith("(val)"):
-            total.add(n)
-    head = ("source", "split", "rows", item, "dropped", "items", "truncated", "tokens", "trained", "held out")
-    cells = [head]
-    for name, split, n, held in [*lines, ("total", "", total, val_items)]:
-        cells.append((name, "-" if split is None else split, *(f"{v:,}" for v in (n.rows, n.kept, n.dropped, n.items, n.truncated,
-                                                               n.tokens, n.trained_tokens, held))))
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    text = "\n".join("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in cells)
-    log.info("chat data read (%s; items: %s after tokenization; held out: for validation):\n%s", loss,
-             "samples" if loss == "sft" else "pairs", text)
-    return total
-
-
-def build_items(cfg: DictConfig, sources: dict[str, SourceData], tok: Tokenizer) -> tuple[list, list, Any,
-                                                                                          dict[str, int]]:
-    """Tokenized training and validation items (SFT: rows, packed or not; DPO: pairs), the collate function, counts.
-
-    Validation items come from a source's ``val_split`` when it has one, else from a seeded
-    ``train.val_fraction`` of its items (none by default: the report holds nothing out).
-    """
-    from functools import partial
-
-    max_len = int(cfg.train.max_seq_len)
-    fraction = float(cfg.train.get("val_fraction") or 0.0)
-    counts: Counter = Counter()
-    items: list = []
-    val_items: list = []
-    lines: list[tuple[str, str | None, SourceCounts, int]] = []
-    for name, data in sources.items():
-        got, c, n = read_source(cfg, data, data.rows, tok, name)
-        counts.update(c)
-        if data.val_rows is not None:
-            held, _, n_val = read_source(cfg, data, data.val_rows, tok, f"{name} (validation)")
-            lines += [(name, data.rows.split, n, 0), (f"{name} (val)", data.val_rows.split, n_val, len(held))]
-        else:
-            got, held = hold_out(got, fraction, int(cfg.seed), name)
-            lines.append((name, data.rows.split, n, len(held)))
-        items += got
-        val_items += held
-    total = log_table(cfg.loss.name, lines, len(val_items))
-    counts.update({"rows": total.rows, "tokens": total.tokens, "trained_tokens": total.trained_tokens,
-                   "validation_items": len(val_items)})
-    if fraction > 0 and not val_items:
-        log.warning("train.val_fraction=%s held nothing out (too few items)", fraction)
-    if cfg.loss.name == "sft":
-        from danube.data.sft import collate, pack_samples
-
-        if cfg.train.packing:
-            n = len(items)
-            items, val_items = pack_samples(items, max_len), pack_samples(val_items, max_len)
-            log.info("packing: %d samples -> %d rows of at most %d tokens", n, len(items), max_len)
-        return items, val_items, partial(collate, pad_id=tok.pad_id), dict(counts)
-    from danube.data.preference import collate_pairs
-
-    counts["pairs"] = total.items
-    return items, val_items, partial(collate_pairs, pad_id=tok.pad_id), dict(counts)
-
-
-class MicroBatches(torch.utils.data.Dataset):
-    """This rank's share of ``items`` in micro-batches, in order, each item counted once (validation).
-
-    Every rank gets the same number of micro-batches, so that all of them run the
-    validation pass and its reduce: a rank short of one repeats the first micro-batch
-    with ``counted`` 0, which the validation step multiplies its sums by.
-    """
-
-    def __init__(self, items: list, micro_batch_size: int, rank: int, world_size: int, collate_fn) -> None:
-        self.items, self.collate_fn = items, collate_fn
-        chunks = [list(range(s, min(s + micro_batch_size, len(items)))) for s in range(0, len(items), micro_batch_size)]
-        mine = [(c, True) for c in chunks[rank::world_size]]
-        self.batches = mine + [(chunks[0], False)] * (-(-len(chunks) // world_size) - len(mine))
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        indices, counted = self.batches[i]
-        batch = self.collate_fn([self.items[j] for j in indices])
-        batch["counted"] = torch.tensor(float(counted))
-        return batch
-
-
-class FinetuneData(L.LightningDataModule):
-    """This rank's micro-batches of a fixed step plan (built the same on every rank)."""
-
-    def __init__(self, items: list, plan: list, collate_fn, num_workers: int = 0) -> None:
-        super().__init__()
-        self.items, self.plan, self.collate_fn, self.num_workers = items, plan, collate_fn, num_workers
-
-    def _rank(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def train_dataloader(self):
-        from danube.data.sft import StepBatches
-
-        dataset = StepBatches(self.items, self.plan, self._rank()[0], self.collate_fn)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
-
-
-class FinetuneDataWithValidation(FinetuneData):
-    """The same, plus the held-out items (Lightning validates only where ``val_dataloader`` exists)."""
-
-    def __init__(self, items: list, plan: list, collate_fn, val_items: list, micro_batch_size: int,
-                 num_workers: int = 0) -> None:
-        super().__init__(items, plan, collate_fn, num_workers)
-        self.val_items, self.micro_batch_size = val_items, micro_batch_size
-
-    def val_dataloader(self):
-        rank, ws = self._rank()
-        dataset = MicroBatches(self.val_items, self.micro_batch_size, rank, ws, self.collate_fn)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
-
-
 def build_model(cfg: DictConfig, tok: Tokenizer):
-    model = load_pretrained(cfg.model_dir, dtype=torch.float32)
+    model = load_model(cfg.model_dir, dtype="float32", what="model_dir")
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.model_file} has {tok.vocab_size} pieces but the model at {cfg.model_dir} "
                          f"embeds {model.cfg.vocab_size}: not this model's tokenizer")
@@ -356,8 +155,6 @@ def build_model(cfg: DictConfig, tok: Tokenizer):
 
 def run(cfg: DictConfig) -> FinetuneResult:
     """Fine-tune ``model_dir`` on ``chat_data`` with ``loss`` (sft | dpo); write ``run_dir/model``."""
-    from danube.data.sft import micro_batches_per_step
-
     sources = validate(cfg)
     tok = load_tokenizer(cfg)
     ws = world_size(cfg.trainer)
@@ -414,11 +211,12 @@ def check_output(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _run_locked(cfg: DictConfig, sources, tok: Tokenizer, ws: int, accumulate: int, run_dir: Path) -> FinetuneResult:
-    from danube.data.sft import step_plan
-
     L.seed_everything(int(cfg.seed), workers=True)
 
-    items, val_items, collate_fn, counts = build_items(cfg, sources, tok)
+    settings = ItemSettings(loss=cfg.loss.name, max_seq_len=int(cfg.train.max_seq_len),
+                            truncation=str(cfg.train.truncation), packing=bool(cfg.train.packing),
+                            val_fraction=float(cfg.train.get("val_fraction") or 0.0), seed=int(cfg.seed))
+    items, val_items, collate_fn, counts = build_items(sources, tok, settings)
     plan = step_plan(len(items), int(cfg.train.micro_batch_size), accumulate, ws, int(cfg.train.epochs), int(cfg.seed))
     if cfg.train.get("max_steps"):
         plan = plan[: int(cfg.train.max_steps)]
@@ -448,14 +246,14 @@ def _run_locked(cfg: DictConfig, sources, tok: Tokenizer, ws: int, accumulate: i
                             progress=f"{cfg.loss.name} steps",
                             purge_step=0 if restarted else None)
     num_workers, mbs = int(cfg.train.num_workers), int(cfg.train.micro_batch_size)
-    data = (FinetuneDataWithValidation(items, plan, collate_fn, val_items, mbs, num_workers) if val_items
-            else FinetuneData(items, plan, collate_fn, num_workers))
+    data = finetune_datamodule(items, plan, collate_fn, val_items=val_items, micro_batch_size=mbs,
+                               num_workers=num_workers)
     with warnings.catch_warnings():
         # Without held-out items there is no val_dataloader, by design.
         warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`")
         trainer.fit(module, datamodule=data)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if val_items and module.last_val_step != trainer.global_step and trainer.limit_val_batches != 0:
+    if val_items and module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=data, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     if val_items:

@@ -14,7 +14,7 @@ Run directory layout::
 
 A stage may set its own data mixture (``weights: {source: share}`` in the recipe; default
 ``data.weights``), and the first stage may start from a model directory's weights
-(``init_from``: fresh optimizer, tokens 0) as H2O-Danube2 started from H2O-Danube-1.8B.
+(``model_dir``: fresh optimizer, tokens 0) as H2O-Danube2 started from H2O-Danube-1.8B.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from danube import logs, rundir
 from danube.callbacks import StepBoundary, mean_validation_loss
-from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact, step_checkpoints
+from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact
 from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_write_text, remove_stale_temps
 from danube.model import DanubeConfig
 from danube.model.attention import check_backend_available
 from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
-from danube.schedule import StagePlan, check_weights, format_mixture, format_plan, plan_stages
-from danube.tasks.common import build_trainer, check_trainer_config, peak_flops, resolve_run_dir, world_size
+from danube.schedule import StagePlan, check_mixture, format_mixture, format_plan, plan_stages
+from danube.tasks.common import (build_trainer, check_trainer_config, current_names, current_recorded, danube_config,
+                                 hydra_mode_is_multirun, peak_flops, resolve_run_dir, world_size)
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,17 @@ COMPLETE_FILE = "complete.json"
 FINAL_CKPT = "final.ckpt"
 
 # What a run directory's recorded config is compared on (see danube.rundir.check_changes).
-IDENTITY_KEYS = ("model", "data", "recipe", "seed", "init_from", "train.global_batch_tokens",
+IDENTITY_KEYS = ("model", "data", "recipe", "seed", "model_dir", "train.global_batch_tokens",
                  "train.micro_batch_tokens", "trainer.devices", "trainer.num_nodes")
-COSMETIC_KEYS = ("model.attn_backend", "model._target_", "data.num_workers", "data.root", "train.log_every_n_steps",
+COSMETIC_KEYS = ("model.attn_backend", "data.num_workers", "data.root", "train.log_every_n_steps",
                  "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
                  "train.keep_checkpoints", "train.compile", "train.activation_checkpointing",
                  "train.loss_chunk_tokens", "train.max_steps", "perf", "verbose")
-IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths")
+# model._target_: recorded by runs made before the model presets lost it (nothing ever instantiated it).
+IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths", "model._target_")
+
+# Keys renamed in this release (old -> new): the old names work, with a warning, until the next.
+RENAMED = {"init_from": "model_dir"}
 
 # The keys each section may have: a misspelt one (`+train.lrr=1`) is an error, not ignored.
 TRAIN_KEYS = {"global_batch_tokens", "micro_batch_tokens", "log_every_n_steps", "val_every_n_steps", "val_batches",
@@ -63,7 +68,7 @@ TRAIN_KEYS = {"global_batch_tokens", "micro_batch_tokens", "log_every_n_steps", 
               "loss_chunk_tokens"}
 OPTIM_KEYS = {"lr", "min_lr", "warmup_tokens", "betas", "eps", "weight_decay", "grad_clip", "fused"}
 TOP_KEYS = {"model", "data", "optim", "recipe", "stage", "trainer", "precision", "paths", "name", "run_dir", "resume",
-            "init_from", "seed", "plan", "plan_tokens_per_sec", "train", "perf", "verbose"}
+            "model_dir", "seed", "plan", "plan_tokens_per_sec", "train", "perf", "verbose"}
 
 
 @dataclass
@@ -97,12 +102,7 @@ def selected_stages(cfg: DictConfig, plans: list[StagePlan]) -> list[StagePlan]:
 
 def model_config(cfg: DictConfig) -> DanubeConfig:
     """The model section as a DanubeConfig; its validation errors name the ``model`` group."""
-    values = OmegaConf.to_container(cfg.model, resolve=True)
-    values.pop("_target_", None)
-    try:
-        return DanubeConfig.from_dict(values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"model (conf/model/{model_choice(cfg)}.yaml + overrides): {err}") from err
+    return danube_config(cfg.model, f"model (conf/model/{model_choice(cfg)}.yaml + overrides)")
 
 
 def model_choice(cfg: DictConfig) -> str:
@@ -160,8 +160,34 @@ def check_values(cfg: DictConfig) -> None:
         raise ValueError(f"optim.fused={o.fused!r}; allowed: auto, true, false")
 
 
+def check_multirun_job(cfg: DictConfig) -> None:
+    """In a multirun (a sweep), refuse the settings that would make jobs share or break their runs."""
+    if not hydra_mode_is_multirun():
+        return
+    if cfg.get("run_dir"):
+        raise ValueError(
+            f"run_dir={cfg.run_dir} in a multirun: every job would write (and resume) the same directory. "
+            "Leave run_dir unset, each job then runs in hydra.sweep.dir/<job number>; move the sweep with "
+            "hydra.sweep.dir=PATH"
+        )
+    if world_size(cfg.trainer) > 1:
+        raise ValueError(
+            f"trainer has {world_size(cfg.trainer)} devices in a multirun: Lightning starts one process per extra "
+            "device by re-running this command line, -m included, so each would start the whole sweep. "
+            "Sweep with one device per job (trainer=h100x1); for several GPUs run one sweep per GPU "
+            "(CUDA_VISIBLE_DEVICES, each with its own hydra.sweep.dir)"
+        )
+
+
 def validate(cfg: DictConfig) -> list[StagePlan]:
-    """Every check that can fail, before any data is read or any weight is built."""
+    """Every check that can fail, before any data is read or any weight is built; returns the stage plans."""
+    return checked(cfg)[0]
+
+
+def checked(cfg: DictConfig) -> tuple[list[StagePlan], DanubeConfig]:
+    """:func:`validate`'s checks; returns the stage plans and the run's one DanubeConfig."""
+    cfg = current_names(cfg, RENAMED, "train.py")
+    check_multirun_job(cfg)
     if not cfg.plan:  # a plan for 8 GPUs can be printed anywhere; a run needs its hardware first
         check_trainer_config(cfg.trainer, cfg.precision)
         check_backend_available(str(cfg.model.get("attn_backend", "auto")), str(cfg.trainer.accelerator))
@@ -176,22 +202,32 @@ def validate(cfg: DictConfig) -> list[StagePlan]:
         if p.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"stage {p.name}: seq_len={p.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     check_mixtures(cfg, plans)
-    if not cfg.plan and cfg.get("init_from"):
-        check_init_from(Path(cfg.init_from), model_cfg)
-    return plans
+    if not cfg.plan and cfg.get("model_dir"):
+        check_start_model(Path(cfg.model_dir), model_cfg)
+    return plans, model_cfg
+
+
+DATA_KINDS = ("sample", "sample_sources", "shards")
+
+
+def data_kind(cfg: DictConfig) -> str:
+    """``data.kind``: the embedded sample, the sample split by source, or prepared shards."""
+    kind = cfg.data.kind
+    if kind not in DATA_KINDS:
+        raise ValueError(f"data.kind={kind!r}; allowed: {', '.join(DATA_KINDS)}")
+    return kind
 
 
 def source_names(cfg: DictConfig) -> list[str] | None:
     """The data sources' names, read from the config alone (None if they are not given yet)."""
     data = cfg.data
-    if data.kind == "sample":
+    kind = data_kind(cfg)
+    if kind == "sample":
         return ["sample"]
-    if data.kind == "sample_sources":
+    if kind == "sample_sources":
         from danube.data.sample import SOURCES
 
         return list(SOURCES)
-    if data.kind != "shards":
-        raise ValueError(f"data.kind={data.kind!r}; allowed: sample, sample_sources, shards")
     if OmegaConf.is_missing(data, "sources") or data.sources is None:
         return None
     if OmegaConf.is_dict(data.sources):
@@ -206,29 +242,19 @@ def _plain(value):
 
 def _named_dirs(sources: str | list[str]) -> dict[str, str]:
     """A directory or a list of them, named after their last path component (as PretrainDataModule does)."""
-    from danube.data.pretrain import _source_dict
+    from danube.data.pretrain import named_sources
 
-    return {name: str(d) for name, d in _source_dict(sources).items()}
+    return {name: str(d) for name, d in named_sources(sources).items()}
 
 
 def check_mixtures(cfg: DictConfig, plans: list[StagePlan]) -> None:
     """``data.weights`` and every stage's ``weights`` must name exactly the data sources."""
     names = source_names(cfg)
-    if names is None:
-        return
     mixtures = [("data.weights", cfg.data.get("weights"))]
     mixtures += [(f"recipe stage {p.name!r} weights", p.weights) for p in plans]
     for where, weights in mixtures:
-        if not weights:
-            continue
-        weights = dict(weights)
-        unknown, missing = sorted(set(weights) - set(names)), sorted(set(names) - set(weights))
-        if unknown or missing:
-            raise ValueError(
-                f"{where} name {sorted(weights)} but the data sources (data={data_choice(cfg)}) are {names}: "
-                f"unknown {unknown}, missing {missing} (a source the stage does not use gets weight 0)"
-            )
-        check_weights(weights, where)
+        if weights:
+            check_mixture(dict(weights), names, where, f"the data sources (data={data_choice(cfg)})")
 
 
 def data_choice(cfg: DictConfig) -> str:
@@ -237,8 +263,8 @@ def data_choice(cfg: DictConfig) -> str:
     return HydraConfig.get().runtime.choices.get("data", "?") if HydraConfig.initialized() else str(cfg.data.kind)
 
 
-def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
-    """``init_from`` must be a model directory whose tensors have the configured model's shapes.
+def check_start_model(path: Path, model_cfg: DanubeConfig) -> None:
+    """``model_dir`` must be a model directory whose tensors have the configured model's shapes.
 
     Only the safetensors header is read: a 1.8B directory is checked in milliseconds.
     """
@@ -247,25 +273,25 @@ def check_init_from(path: Path, model_cfg: DanubeConfig) -> None:
     from danube.model import build_model
     from danube.model.io import WEIGHTS_FILE, CorruptFileError
 
-    check_model_dir(path, "init_from", hf=False)
+    check_model_dir(path, "model_dir", hf=False)
     if tokenizer_path(path) is None:
         raise FileNotFoundError(
-            f"init_from={path} has no tokenizer.model: the run cannot check that its data uses the model's tokenizer"
+            f"model_dir={path} has no tokenizer.model: the run cannot check that its data uses the model's tokenizer"
         )
     try:
         with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
             shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise CorruptFileError(f"corrupt file {path / WEIGHTS_FILE}: not a readable safetensors file ({err})") from err
-    check_state_dict(build_model(model_cfg, device="meta"), shapes, f"init_from={path}")
+    check_state_dict(build_model(model_cfg, device="meta"), shapes, f"model_dir={path}")
 
 
-def check_init_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
+def check_start_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
     """The data must be tokenized with the model directory's tokenizer (after `danube swap-tokenizer`)."""
     theirs = Tokenizer(tokenizer_path(path))
     if theirs.checksum != tokenizer.checksum:
         raise ValueError(
-            f"init_from={path} was trained with the tokenizer {theirs.model_file} (sha256 {theirs.checksum[:12]}...) "
+            f"model_dir={path} was trained with the tokenizer {theirs.model_file} (sha256 {theirs.checksum[:12]}...) "
             f"but this run's data uses {tokenizer.model_file} (sha256 {tokenizer.checksum[:12]}...): run "
             f"`danube swap-tokenizer {path} {tokenizer.model_file} NEW_DIR` and start from NEW_DIR"
         )
@@ -275,18 +301,17 @@ def prepare_data(cfg: DictConfig) -> tuple[dict[str, str], dict[str, float] | No
     """Sources, weights and tokenizer; the embedded sample is built on first use."""
     data = cfg.data
     weights = OmegaConf.to_container(data.weights, resolve=True) if data.get("weights") else None
-    if data.kind == "sample":
+    kind = data_kind(cfg)
+    if kind == "sample":
         from danube.data.sample import ensure_sample_data
 
         tok_path, shard_dir = ensure_sample_data(data.root, vocab_size=int(data.vocab_size))
         return {"sample": str(shard_dir)}, weights, Tokenizer(tok_path)
-    if data.kind == "sample_sources":
+    if kind == "sample_sources":
         from danube.data.sample import ensure_sample_sources
 
         tok_path, dirs = ensure_sample_sources(data.root, vocab_size=int(data.vocab_size))
         return {name: str(d) for name, d in dirs.items()}, weights, Tokenizer(tok_path)
-    if data.kind != "shards":
-        raise ValueError(f"data.kind={data.kind!r}; allowed: sample, sample_sources, shards")
     sources = _plain(data.sources)
     if not isinstance(sources, dict):
         sources = _named_dirs(sources)
@@ -373,7 +398,7 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_dir: Path) -> tuple[str | None, str | None]:
-    """(ckpt_path to resume this stage from, what to start from: the previous stage's final checkpoint or init_from)."""
+    """(ckpt_path to resume this stage from, what to start from: the previous stage's final checkpoint or model_dir)."""
     resume = str(cfg.resume)
     if resume not in RESUME_CHOICES and resume_stage(cfg, plans) == plan.name:
         return resume, None
@@ -382,7 +407,7 @@ def stage_start(cfg: DictConfig, plan: StagePlan, plans: list[StagePlan], run_di
         if found is not None:
             return str(found[1]), None
     if plan.index == 0:
-        return None, (str(cfg.init_from) if cfg.get("init_from") else None)
+        return None, (str(cfg.model_dir) if cfg.get("model_dir") else None)
     prev = plans[plan.index - 1]
     final = run_dir / prev.name / FINAL_CKPT
     if not final.is_file():
@@ -469,22 +494,22 @@ def recorded_config(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> dict
 
 def run(cfg: DictConfig) -> TrainResult | None:
     """Train the selected stage(s). With ``plan=true``, print the schedule and return None."""
-    plans = validate(cfg)
+    cfg = current_names(cfg, RENAMED, "train.py")
+    plans, model_cfg = checked(cfg)
     if cfg.plan:
         o = cfg.optim
         print(format_plan(plans, lr=o.lr, min_lr=o.min_lr, warmup_tokens=int(o.warmup_tokens),
                           tokens_per_sec=float(cfg.plan_tokens_per_sec), world_size=world_size(cfg.trainer),
                           global_batch_tokens=int(cfg.train.global_batch_tokens)))
         return None
-    model_cfg = model_config(cfg)
     sources, weights, tokenizer = prepare_data(cfg)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer.model_file} has {tokenizer.vocab_size} pieces but model.vocab_size="
             f"{model_cfg.vocab_size}: the embedding must cover every id"
         )
-    if cfg.get("init_from"):
-        check_init_tokenizer(Path(cfg.init_from), tokenizer)
+    if cfg.get("model_dir"):
+        check_start_tokenizer(Path(cfg.model_dir), tokenizer)
     run_dir = resolve_run_dir(cfg)
     with rundir.lock(run_dir):
         return _run_locked(cfg, plans, run_dir, model_cfg, sources, weights, tokenizer)
@@ -494,7 +519,7 @@ def _run_locked(cfg: DictConfig, plans: list[StagePlan], run_dir: Path, model_cf
                 tokenizer: Tokenizer) -> TrainResult:
     selected = selected_stages(cfg, plans)
     check_fresh_run_dir(cfg, run_dir)
-    recorded = rundir.read_recorded(run_dir)
+    recorded = current_recorded(rundir.read_recorded(run_dir), RENAMED)
     finished = all(read_complete(run_dir / p.name) is not None for p in selected)
     changes = rundir.check_changes(run_dir, recorded, recorded_config(cfg), identity=IDENTITY_KEYS,
                                    cosmetic=COSMETIC_KEYS, ignore=IGNORED_KEYS + ("data.tokenizer_sha256",),
@@ -513,19 +538,19 @@ def _run_locked(cfg: DictConfig, plans: list[StagePlan], run_dir: Path, model_cf
         entry = rundir.record_invocation(run_dir, recorded_config(cfg, tokenizer), changes)
         log_file = logs.log_to_file(run_dir / "logs" / f"{entry.stem}.log")
     try:
-        return _train_stages(cfg, plans, selected, run_dir, sources, weights, tokenizer, log_file)
+        return _train_stages(cfg, plans, selected, run_dir, model_cfg, sources, weights, tokenizer, log_file)
     finally:
         if log_file is not None:
             logs.close_file(log_file)
 
 
-def _train_stages(cfg, plans, selected, run_dir, sources, weights, tokenizer, log_file) -> TrainResult:
+def _train_stages(cfg, plans, selected, run_dir, model_cfg, sources, weights, tokenizer, log_file) -> TrainResult:
     L.seed_everything(int(cfg.seed), workers=True)
     start = time.perf_counter()
     total_tokens = plans[-1].end_tokens
     result, done, trained = None, [], 0
     for plan in selected:
-        result = run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer)
+        result = run_stage(cfg, plan, plans, run_dir, total_tokens, model_cfg, sources, weights, tokenizer)
         trained += result.trained_now
         if not result.complete:
             break
@@ -563,7 +588,7 @@ def tokens_at_step(plan: StagePlan, step: int, global_batch_tokens: int) -> int:
     return plan.start_tokens + step * global_batch_tokens
 
 
-def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokenizer) -> TrainResult:
+def run_stage(cfg, plan, plans, run_dir, total_tokens, model_cfg, sources, weights, tokenizer) -> TrainResult:
     from danube.data.pretrain import PretrainDataModule
 
     stage_dir = run_dir / plan.name
@@ -590,7 +615,7 @@ def run_stage(cfg, plan, plans, run_dir, total_tokens, sources, weights, tokeniz
         seed=int(cfg.seed) + plan.index, num_workers=int(cfg.data.num_workers),
         tokenizer_checksum=tokenizer.checksum, val_batches=cfg.train.val_batches, world_size=world_size(cfg.trainer),
     )
-    module = build_module(cfg, plan, total_tokens, init_from, tokenizer, list(sources))
+    module = build_module(cfg, model_cfg, plan, total_tokens, init_from, tokenizer, list(sources))
     # A resumed (or restarted) stage logs its steps again: hide what an earlier attempt logged after its
     # checkpoint -- or, restarted from the stage's start, all it logged (its first point too, logged again).
     events = any((run_dir / "tensorboard" / plan.name).glob("events.out.tfevents.*"))
@@ -658,12 +683,10 @@ def link_final(last: Path, final: Path) -> None:
             shutil.copyfile(last, tmp)
 
 
-def build_module(cfg, plan: StagePlan, total_tokens: int, init_from: str | None, tokenizer: Tokenizer,
-                 source_names: list[str]):
+def build_module(cfg, model_cfg: DanubeConfig, plan: StagePlan, total_tokens: int, init_from: str | None,
+                 tokenizer: Tokenizer, source_names: list[str]):
     from danube.lit.pretrain import PretrainModule
 
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("_target_", None)
     return PretrainModule(
         model=model_cfg,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),

@@ -1,10 +1,9 @@
 """What both trained quality classifiers share: labelled data, metrics, the directory format.
 
 A classifier directory holds ``quality_classifier.json`` (format, kind, what it was trained
-on, its held-out metrics) beside the kind's own files. :func:`load_scorer` reads the
-json and returns the right scorer; a directory of another kind, or none, is a clear error.
-A local Hugging Face sequence-classification directory (``config.json``, no
-``quality_classifier.json``) is also accepted as a transformer scorer.
+on, its held-out metrics) beside the kind's own files;
+:func:`danube.data.quality.filter.load_scorer` reads the json and returns the right
+scorer, and a directory of another kind, or none, is a clear error.
 """
 
 from __future__ import annotations
@@ -113,25 +112,3 @@ def write_dir(path: str | Path, meta: dict[str, Any], write_files: Callable[[Pat
         (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
     return path
 
-
-def load_scorer(path: str | Path, expect: str, batch_size: int = 32, hf_label: int = 1,
-                hf_max_tokens: int = 512) -> Scorer:
-    """Load the classifier at ``path`` for the ``expect`` layer (``"gbm"`` or ``"transformer"``).
-
-    ``hf_*`` apply to a Hugging Face directory only: which label is "good", and how many
-    tokens of each document it reads.
-    """
-    path = Path(path)
-    if expect == "transformer" and path.is_dir() and not (path / META_FILE).is_file() \
-            and (path / "config.json").is_file():
-        from danube.data.quality.transformer import HFScorer
-
-        return HFScorer(path, batch_size=batch_size, max_tokens=hf_max_tokens, label=hf_label)
-    meta = read_meta(path, expect)
-    if meta["kind"] == "gbm":
-        from danube.data.quality.gbm import GBMScorer
-
-        return GBMScorer.load(path)
-    from danube.data.quality.transformer import TransformerScorer
-
-    return TransformerScorer.load(path, batch_size=batch_size)

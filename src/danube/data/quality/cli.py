@@ -17,7 +17,7 @@ USAGE = """usage: danube quality {filter,train-gbm,train-transformer,sample} ...
 
 def _filter(argv: list[str]) -> int:
     from danube.data.quality.filter import filter_documents, report_path
-    from danube.data.quality.heuristics import HeuristicRules
+    from danube.data.quality.heuristics import GOPHER_RULES, HeuristicRules
 
     p = argparse.ArgumentParser(
         prog="danube quality filter",
@@ -30,8 +30,8 @@ def _filter(argv: list[str]) -> int:
     p.add_argument("--rejected", help="also write the dropped records with the reason (.jsonl)")
     p.add_argument("--text-field", default="text", help="field holding the document (default: text)")
     p.add_argument("--no-heuristics", action="store_true", help="skip the rule layer")
-    p.add_argument("--rules", help="YAML of heuristic thresholds (fields of HeuristicRules, e.g. "
-                   "conf/quality/gopher.yaml)")
+    p.add_argument("--rules", help=f"YAML of heuristic thresholds (fields of HeuristicRules; {GOPHER_RULES} "
+                   "lists them all at their defaults, with their sources)")
     p.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE",
                    help="override one threshold, e.g. --rule min_words=20 (repeatable)")
     p.add_argument("--gbm", help="GBM classifier directory (danube quality train-gbm)")

@@ -209,9 +209,9 @@ def filter_documents(
 
         tok = Tokenizer(tokenizer)
     if isinstance(gbm, (str, Path)):
-        gbm = classifier.load_scorer(gbm, "gbm")
+        gbm = load_scorer(gbm, "gbm")
     if isinstance(transformer, (str, Path)):
-        transformer = classifier.load_scorer(transformer, "transformer", hf_label=hf_label)
+        transformer = load_scorer(transformer, "transformer", hf_label=hf_label)
     n_docs = sum(1 for _ in _records(files, text_field_name))  # a bad record fails here, before any output
     log.info("filtering %d documents from %d files", n_docs, len(files))
 
@@ -287,3 +287,25 @@ def filter_documents(
         report["shards"] = {"path": str(shards), "totals": manifest["totals"]}
         atomic_write_text(report_file, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def load_scorer(path: str | Path, expect: str, batch_size: int = 32, hf_label: int = 1,
+                hf_max_tokens: int = 512) -> classifier.Scorer:
+    """Load the classifier at ``path`` for the ``expect`` layer (``"gbm"`` or ``"transformer"``).
+
+    ``hf_*`` apply to a Hugging Face directory only: which label is "good", and how many
+    tokens of each document it reads. A local Hugging Face sequence-classification directory
+    (``config.json``, no ``quality_classifier.json``) is accepted as a transformer scorer.
+    """
+    path = Path(path)
+    if expect == "transformer" and path.is_dir() and not (path / classifier.META_FILE).is_file() \
+            and (path / "config.json").is_file():
+        from danube.data.quality.transformer import HFScorer
+
+        return HFScorer(path, batch_size=batch_size, max_tokens=hf_max_tokens, label=hf_label)
+    meta = classifier.read_meta(path, expect)
+    if meta["kind"] == "gbm":
+        return GBMScorer.load(path)
+    from danube.data.quality.transformer import TransformerScorer
+
+    return TransformerScorer.load(path, batch_size=batch_size)

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Every rule at its default, with where its threshold comes from (package data: an installed danube has it too).
+GOPHER_RULES = Path(__file__).with_name("gopher.yaml")
+
 # Gopher's stop-word rule: a document must contain at least two of these.
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "-", "*", "·", "‣", "◦", "▪", "–", "—", "►", "○")

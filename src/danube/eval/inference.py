@@ -1,19 +1,20 @@
-"""Load a model and its tokenizer from a danube model directory or a Hugging Face directory."""
+"""A model and its tokenizer, ready for inference: what evaluation, ``danube chat`` and ``danube generate`` read.
+
+The model is loaded by :func:`danube.model.loading.load_model` (the checks every command makes);
+:class:`TextTokenizer` reads the directory's tokenizer, SentencePiece or Hugging Face.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import torch
 
 from danube.model import Danube
-from danube.model.io import CONFIG_FILE, TOKENIZER_FILE, check_model_dir, load_pretrained
+from danube.model.io import CONFIG_FILE, TOKENIZER_FILE, check_model_dir
+from danube.model.loading import load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class TextTokenizer:
     """The few calls evaluation needs, over SentencePiece (danube dirs) or transformers (HF dirs).
@@ -97,23 +98,20 @@ def default_repetition_penalty(path: str | Path) -> float:
 
 
 def load_for_eval(
-    model_path: str | Path,
+    model_dir: str | Path,
     tokenizer: str | Path | None = None,
     device: str = "cpu",
     dtype: str = "float32",
 ) -> tuple[Danube, TextTokenizer]:
     """Model (eval mode) and tokenizer; ``tokenizer`` defaults to the model directory's own."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_model_dir(model_path)  # a run directory or a typo: say so, not "no tokenizer" / "repo id"
-    tok = TextTokenizer(tokenizer or model_path)
-    model = load_pretrained(model_path, device=device, dtype=DTYPES[dtype]).eval()
+    target, dtype_ = resolve_device(device), resolve_dtype(dtype)  # bad values fail before any file is read
+    check_model_dir(model_dir)  # a run directory or a typo: say so, not "no tokenizer" / "repo id"
+    tok = TextTokenizer(tokenizer or model_dir)
+    model = load_model(model_dir, device=target, dtype=dtype_).eval()
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(
-            f"tokenizer {tok.source} has {tok.vocab_size} tokens but the model {model_path} only "
+            f"tokenizer {tok.source} has {tok.vocab_size} tokens but the model {model_dir} only "
             f"{model.cfg.vocab_size}: they do not belong together"
         )
-    log.info("loaded %s (%s, %s) with tokenizer %s", model_path, device, dtype, tok.source)
+    log.info("loaded %s (%s, %s) with tokenizer %s", model_dir, target, dtype, tok.source)
     return model, tok
