@@ -74,8 +74,8 @@ def check_mixture(weights: dict, sources: list[str] | None, where: str, sources_
     if sources is not None:
         unknown, missing = sorted(set(weights) - set(sources)), sorted(set(sources) - set(weights))
         if unknown or missing:
-            raise ValueError(f"{where} name {sorted(weights)} but {sources_are} are {list(sources)}: unknown {unknown}, "
-                             f"missing {missing} (a source the stage does not use gets weight 0)")
+            raise ValueError(f"{where} name {sorted(weights)} but {sources_are} are {list(sources)}: unknown: {unknown}, "
+                             f"missing: {missing} (a source the stage does not use gets weight 0)")
     check_weights(weights, where)
 
 
