@@ -71,7 +71,7 @@ def test_mixture_weights_are_honoured(two_sources):
 def test_a_mixture_that_does_not_name_the_sources_is_refused_at_construction(two_sources):
     """The same check train.py makes before any data is read (danube.schedule.check_mixture)."""
     with pytest.raises(ValueError, match=r"mixture weights name \['a', 'c'\] but the data sources are \['a', 'b'\]: "
-                                         r"unknown \['c'\], missing \['b'\]"):
+                                         r"unknown: \['c'\], missing: \['b'\]"):
         PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=4, weights={"a": 1, "c": 1})
     with pytest.raises(ValueError, match="mixture weights: weights must map source names to numbers >= 0"):
         PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=4, weights={"a": 1, "b": -1})
