@@ -55,6 +55,16 @@ def test_existing_results_are_never_replaced_silently(model_dirs, task_dir, tmp_
     assert "toy_mc" in json.loads(out.read_text())["results"]
 
 
+def test_the_run_ends_with_a_summary_and_leaves_its_log_beside_the_results(model_dirs, task_dir, tmp_path, caplog):
+    out = tmp_path / "res.json"
+    with caplog.at_level("INFO", logger="danube"):
+        result = run(config(f"model_dir={model_dirs[0]}", "tasks=[toy_mc]", f"include_path={task_dir}", "limit=2",
+                            f"output_path={out}", "device=cpu"))
+    assert result["wall_s"] >= 0 and json.loads(out.read_text())["wall_s"] == result["wall_s"]
+    assert f"wrote {out}\n  wrote {out.with_suffix('.md')}\n  log: {out.with_suffix('.log')}" in caplog.text
+    assert "|toy_mc|" in out.with_suffix(".log").read_text()  # the table is in the log too
+
+
 def test_default_output_is_named_after_the_model_path(tmp_path):
     from danube.tasks.evaluate import model_label
 
@@ -77,7 +87,7 @@ def test_default_output_paths_of_two_models_differ(model_dirs, task_dir, tmp_pat
         run(config(f"model_dir={runs / 'tiny' / stage / 'model'}", "tasks=[toy_mc]", f"include_path={task_dir}",
                    "limit=2", "device=cpu", f"paths.runs_dir={runs}"))
     written = sorted(p.name for p in (runs / "eval").iterdir())
-    assert written == ["tiny-seq128-tasks.json", "tiny-seq128-tasks.md", "tiny-seq256-tasks.json", "tiny-seq256-tasks.md"]
+    assert written == [f"tiny-{stage}-tasks.{ext}" for stage in ("seq128", "seq256") for ext in ("json", "log", "md")]
     assert json.loads((runs / "eval" / "tiny-seq256-tasks.json").read_text())["model_name"] == "tiny-seq256"
 
 

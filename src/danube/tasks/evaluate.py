@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from danube import logs
 from danube.files import atomic_write_text
 from danube.tasks.common import current_names
 
@@ -108,6 +110,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model_name = cfg.get("model_name") or model_label(cfg.model_dir, cfg.paths.runs_dir)
     label = suite.name if suite else "tasks"
     out_path = output_path(cfg, kind, label, model_name)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = logs.log_to_file(out_path.with_suffix(".log"))  # appended: a failed attempt's log stays
+    start = time.perf_counter()
+    try:
+        result, table = _evaluate(cfg, kind, suite, model_name, label, out_path)
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+        written = [out_path]
+        atomic_write_text(out_path, json.dumps(result, indent=2, default=str) + "\n")
+        if table:
+            written.append(atomic_write_text(out_path.with_suffix(".md"), table))
+            log.info("%s", table.rstrip("\n"))
+        written += [Path(result[k]) for k in ("answers", "judgments") if result.get(k)]
+        log.info("evaluate.py done in %s: %s of %s\n%s\n  log: %s", logs.duration(result["wall_s"]), label,
+                 result["model_dir"], "\n".join(f"  wrote {p}" for p in written), log_file.baseFilename)
+    finally:
+        logs.close_file(log_file)
+    return result
+
+
+def _evaluate(cfg: DictConfig, kind: str, suite: DictConfig | None, model_name: str, label: str,
+              out_path: Path) -> tuple[dict[str, Any], str | None]:
+    """Run the suite, tasks, perplexity or MT-Bench; returns the results and their Markdown table."""
     result: dict[str, Any] = {"model_dir": str(cfg.model_dir), "model_name": model_name, "suite": label, "kind": kind}
     table = None
 
@@ -151,13 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         table = f"| Model | Data | seq_len | Tokens | Loss | Perplexity |\n|---|---|---:|---:|---:|---:|\n| {model_name} | {p['data_dir']} | {p['seq_len']} | {p['tokens']:,} | {p['loss']:.4f} | {p['perplexity']:.3f} |\n"
     else:
         table = _mt_bench(cfg, model_name, out_path, result)
-
-    atomic_write_text(out_path, json.dumps(result, indent=2, default=str) + "\n")
-    log.info("wrote %s", out_path)
-    if table:
-        atomic_write_text(out_path.with_suffix(".md"), table)
-        log.info("%s\nwrote %s", table.rstrip("\n"), out_path.with_suffix(".md"))
-    return result
+    return result, table
 
 
 def _mt_bench(cfg: DictConfig, model_name: str, out_path: Path, result: dict[str, Any]) -> str | None:
