@@ -4,7 +4,7 @@ Every ``import`` counts, those inside functions too (an import put off until a f
 is still a dependency). The layers, lowest first (README, "Code map"):
 
 0. ground: the model and its files (``danube.model``), ``files``, ``schedule``, ``losses``,
-   ``errors``; the model imports nothing of danube's but itself, ``errors`` and ``files``;
+   ``errors``, ``determinism``; the model imports nothing of danube's but itself, ``errors`` and ``files``;
 1. data, formats and run plumbing: ``data``, ``hf``, ``lora``, ``swap_tokenizer``, ``eval``,
    ``checkpoints``, ``rundir``, ``logs``, ``precision``, ``plot``;
 2. Lightning: ``lit`` (the LightningModules) and ``callbacks``;
@@ -22,7 +22,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "danube"
 
 LAYERS = {
-    0: ("danube", "danube.model", "danube.files", "danube.schedule", "danube.losses", "danube.errors"),
+    0: ("danube", "danube.model", "danube.files", "danube.schedule", "danube.losses", "danube.errors",
+        "danube.determinism"),
     1: ("danube.data", "danube.hf", "danube.lora", "danube.swap_tokenizer", "danube.eval", "danube.checkpoints",
         "danube.rundir", "danube.logs", "danube.precision", "danube.plot"),
     2: ("danube.lit", "danube.callbacks"),

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -187,8 +188,16 @@ def check_changes(
     return changes
 
 
-def record_invocation(run_dir: Path, config: Mapping, changes: list[tuple[str, Any, Any]]) -> Path:
-    """Append this invocation to ``history/`` and make its config ``config.yaml``; returns the history file."""
+RUNTIME_PREFIX = "# runtime: "
+
+
+def record_invocation(run_dir: Path, config: Mapping, changes: list[tuple[str, Any, Any]],
+                      runtime: Mapping[str, Any] | None = None) -> Path:
+    """Append this invocation to ``history/`` and make its config ``config.yaml``; returns the history file.
+
+    ``runtime`` (torch version, threads, MKL mode: :func:`danube.determinism.runtime`) goes in
+    the header as one JSON line; :func:`runtime_changes` compares the next invocation with it.
+    """
     history = run_dir / HISTORY_DIR
     history.mkdir(parents=True, exist_ok=True)
     number = 1 + max((int(p.name[:4]) for p in history.glob("[0-9][0-9][0-9][0-9]-*.yaml")), default=0)
@@ -196,7 +205,36 @@ def record_invocation(run_dir: Path, config: Mapping, changes: list[tuple[str, A
     body = yaml.safe_dump(dict(config), sort_keys=False)
     header = [f"# invocation {number} at {time.strftime('%Y-%m-%d %H:%M:%S %z')} on {socket.gethostname()}",
               f"# command: {' '.join(sys.argv)}"]
+    if runtime is not None:
+        header.append(RUNTIME_PREFIX + json.dumps(dict(runtime), sort_keys=True))
     header += [f"# changed: {k}: {a!r} -> {b!r}" for k, a, b in changes]
     path = atomic_write_text(history / f"{number:04d}-{stamp}.yaml", "\n".join(header) + "\n" + body)
     atomic_write_text(run_dir / CONFIG_FILE, body)
     return path
+
+
+def last_runtime(run_dir: Path) -> dict[str, Any] | None:
+    """The runtime the newest recorded invocation ran on (None: no history, or recorded before runtimes were)."""
+    entries = sorted((run_dir / HISTORY_DIR).glob("[0-9][0-9][0-9][0-9]-*.yaml"))
+    for line in (entries[-1].read_text().splitlines() if entries else []):
+        if line.startswith(RUNTIME_PREFIX):
+            try:
+                return json.loads(line[len(RUNTIME_PREFIX):])
+            except ValueError:
+                return None
+        if not line.startswith("#"):
+            break
+    return None
+
+
+def runtime_changes(run_dir: Path, runtime: Mapping[str, Any]) -> list[str]:
+    """What differs from the last invocation's runtime in what decides the bits (warned: resume is still allowed)."""
+    before = last_runtime(run_dir)
+    if before is None:
+        return []
+    keys = ("torch", "threads", "cpu_capability", "mkl_cbwr", "deterministic")
+    changed = [f"{k} {before.get(k)!r} -> {runtime.get(k)!r}" for k in keys if before.get(k) != runtime.get(k)]
+    if changed:
+        log.warning("%s: this invocation computes with other numerics than the last (%s): the result will match "
+                    "an uninterrupted run closely but not bit for bit", run_dir, ", ".join(changed))
+    return changed

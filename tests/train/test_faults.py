@@ -69,6 +69,27 @@ def straight(tmp_path_factory, data_root):
     return run_dir
 
 
+# -- reproducibility -------------------------------------------------------------------------
+def test_a_second_invocation_gives_the_same_bits_and_records_its_numerics(straight, data_root, tmp_path):
+    """Same config, machine and seed: a fresh invocation equals the reference bit for bit (train.deterministic)."""
+    again = tmp_path / "again"
+    subprocess.run(_cmd(data_root, again), cwd=REPO, env=ENV, check=True, capture_output=True)
+    _assert_same_run(straight, again)
+    runtime = rundir.last_runtime(again)
+    assert runtime["deterministic"] is True and runtime["mkl_cbwr"] == "AUTO"
+    assert runtime["threads"] == torch.get_num_threads() and runtime["torch"] == torch.__version__
+
+
+def test_a_resume_on_other_numerics_is_warned_about(tmp_path, caplog):
+    config = {"seed": 0}
+    rundir.record_invocation(tmp_path, config, [], {"torch": "2.13.0", "threads": 2, "mkl_cbwr": "AUTO"})
+    assert rundir.runtime_changes(tmp_path, {"torch": "2.13.0", "threads": 2, "mkl_cbwr": "AUTO"}) == []
+    assert rundir.runtime_changes(tmp_path, {"torch": "2.13.0", "threads": 4, "mkl_cbwr": "AUTO"}) == ["threads 2 -> 4"]
+    assert "not bit for bit" in caplog.text
+    rundir.record_invocation(tmp_path, config, [])  # an invocation that recorded no runtime: nothing to compare
+    assert rundir.runtime_changes(tmp_path, {"threads": 1}) == []
+
+
 # -- kills ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_three_sigkills_resume_bit_exactly(straight, data_root, tmp_path):
@@ -326,6 +347,8 @@ def test_too_little_data_fails_before_training(tmp_path, data_root):
     ("optim.min_lr=0.5", "optim.min_lr=0.5 is above optim.lr"),
     ("+train.lrr=1", "unknown config key\\(s\\) train.lrr"),
     ("trainer=h100x8", "no CUDA device is visible"),
+    ("train.deterministic=sometimes", "train.deterministic='sometimes'; allowed: auto, true, false"),
+    ("train.threads=0", "train.threads=0 must be >= 1"),
 ])
 def test_bad_values_fail_at_once_naming_the_key(small_run, override, message):
     with pytest.raises(Exception, match=message):

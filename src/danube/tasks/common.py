@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from danube import determinism
 from danube.checkpoints import AtomicCheckpointIO
 from danube.errors import USER_ERRORS, MissingHardware
 from danube.model import DanubeConfig
@@ -222,6 +223,22 @@ def trainer_strategy(trainer_cfg: DictConfig):
     return strategy
 
 
+def deterministic(cfg: DictConfig) -> bool:
+    """``train.deterministic`` for this run's accelerator (``auto``: on for CPU, off on GPUs)."""
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    return determinism.wanted(cfg.train.get("deterministic", "auto"), accelerator)
+
+
+def pin_numerics(cfg: DictConfig) -> dict[str, object]:
+    """Apply ``train.deterministic``/``train.threads`` before any compute; returns what the history records."""
+    threads = cfg.train.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"train.threads={threads!r} must be a positive integer (or null: torch's choice)")
+    return determinism.configure(deterministic(cfg), threads)
+
+
 def build_trainer(
     cfg: DictConfig,
     *,
@@ -276,7 +293,7 @@ def build_trainer(
         enable_model_summary=False,
         log_every_n_steps=cfg.train.get("log_every_n_steps", 10),
         default_root_dir=str(stage_dir),
-        deterministic=False,
+        deterministic=deterministic(cfg),
         use_distributed_sampler=False,
     )
 

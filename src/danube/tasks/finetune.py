@@ -39,7 +39,8 @@ from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_dir, atomic_write_text
 from danube.model.io import check_model_dir, save_model_dir, tokenizer_path
 from danube.model.loading import load_model
-from danube.tasks.common import build_trainer, check_trainer_config, group_options, resolve_run_dir, world_size
+from danube.tasks.common import (build_trainer, check_trainer_config, group_options, pin_numerics, resolve_run_dir,
+                                 world_size)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def build_model(cfg: DictConfig, tok: Tokenizer):
 def run(cfg: DictConfig) -> FinetuneResult:
     """Fine-tune ``model_dir`` on ``chat_data`` with ``loss`` (sft | dpo); write ``run_dir/model``."""
     sources = validate(cfg)
+    runtime = pin_numerics(cfg)  # before any compute (see danube.determinism)
     tok = load_tokenizer(cfg)
     ws = world_size(cfg.trainer)
     accumulate = micro_batches_per_step(int(cfg.train.batch_size), int(cfg.train.micro_batch_size), ws)
@@ -164,7 +166,7 @@ def run(cfg: DictConfig) -> FinetuneResult:
     with rundir.lock(run_dir, what="fine-tuning run"):
         log_file = None
         if rundir.is_rank_zero():
-            entry = rundir.record_invocation(run_dir, OmegaConf.to_container(cfg, resolve=True), [])
+            entry = rundir.record_invocation(run_dir, OmegaConf.to_container(cfg, resolve=True), [], runtime)
             log_file = logs.log_to_file(run_dir / "logs" / f"{entry.stem}.log")
         start = time.perf_counter()
         try:

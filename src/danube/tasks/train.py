@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from danube import logs, rundir
+from danube import determinism, logs, rundir
 from danube.callbacks import StepBoundary, mean_validation_loss
 from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact
 from danube.data.tokenizer import Tokenizer
@@ -41,7 +41,7 @@ from danube.model.attention import check_backend_available
 from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
 from danube.schedule import StagePlan, check_mixture, format_mixture, format_plan, plan_stages
 from danube.tasks.common import (build_trainer, check_trainer_config, current_names, current_recorded, danube_config,
-                                 hydra_mode_is_multirun, peak_flops, resolve_run_dir, world_size)
+                                 hydra_mode_is_multirun, peak_flops, pin_numerics, resolve_run_dir, world_size)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ RENAMED = {"init_from": "model_dir"}
 # The keys each section may have: a misspelt one (`+train.lrr=1`) is an error, not ignored.
 TRAIN_KEYS = {"global_batch_tokens", "micro_batch_tokens", "log_every_n_steps", "val_every_n_steps", "val_batches",
               "checkpoint_every_n_steps", "keep_checkpoints", "max_steps", "compile", "activation_checkpointing",
-              "loss_chunk_tokens"}
+              "loss_chunk_tokens", "deterministic", "threads"}
 OPTIM_KEYS = {"lr", "min_lr", "warmup_tokens", "betas", "eps", "weight_decay", "grad_clip", "fused"}
 TOP_KEYS = {"model", "data", "optim", "recipe", "stage", "trainer", "precision", "paths", "name", "run_dir", "resume",
             "model_dir", "seed", "plan", "plan_tokens_per_sec", "train", "perf", "verbose"}
@@ -145,6 +145,8 @@ def check_values(cfg: DictConfig) -> None:
     _number(t, "checkpoint_every_n_steps", "train.", integer=True, minimum=0)
     _number(t, "val_batches", "train.", integer=True, minimum=0, optional=True)
     _number(t, "max_steps", "train.", integer=True, minimum=1, optional=True)
+    _number(t, "threads", "train.", integer=True, minimum=1, optional=True)
+    determinism.wanted(t.get("deterministic", "auto"), "cpu")
     lr = _number(o, "lr", "optim.", above=0)
     min_lr = _number(o, "min_lr", "optim.", minimum=0)
     if min_lr > lr:
@@ -502,6 +504,7 @@ def run(cfg: DictConfig) -> TrainResult | None:
                           tokens_per_sec=float(cfg.plan_tokens_per_sec), world_size=world_size(cfg.trainer),
                           global_batch_tokens=int(cfg.train.global_batch_tokens)))
         return None
+    runtime = pin_numerics(cfg)  # before any compute: MKL reads its mode at its first call
     sources, weights, tokenizer = prepare_data(cfg)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
@@ -512,11 +515,11 @@ def run(cfg: DictConfig) -> TrainResult | None:
         check_start_tokenizer(Path(cfg.model_dir), tokenizer)
     run_dir = resolve_run_dir(cfg)
     with rundir.lock(run_dir):
-        return _run_locked(cfg, plans, run_dir, model_cfg, sources, weights, tokenizer)
+        return _run_locked(cfg, plans, run_dir, model_cfg, sources, weights, tokenizer, runtime)
 
 
 def _run_locked(cfg: DictConfig, plans: list[StagePlan], run_dir: Path, model_cfg: DanubeConfig, sources, weights,
-                tokenizer: Tokenizer) -> TrainResult:
+                tokenizer: Tokenizer, runtime: dict) -> TrainResult:
     selected = selected_stages(cfg, plans)
     check_fresh_run_dir(cfg, run_dir)
     recorded = current_recorded(rundir.read_recorded(run_dir), RENAMED)
@@ -535,7 +538,9 @@ def _run_locked(cfg: DictConfig, plans: list[StagePlan], run_dir: Path, model_cf
     log_file = None
     if rundir.is_rank_zero():
         remove_stale_temps(run_dir, recursive=True)
-        entry = rundir.record_invocation(run_dir, recorded_config(cfg, tokenizer), changes)
+        if not finished:
+            rundir.runtime_changes(run_dir, runtime)
+        entry = rundir.record_invocation(run_dir, recorded_config(cfg, tokenizer), changes, runtime)
         log_file = logs.log_to_file(run_dir / "logs" / f"{entry.stem}.log")
     try:
         return _train_stages(cfg, plans, selected, run_dir, model_cfg, sources, weights, tokenizer, log_file)
