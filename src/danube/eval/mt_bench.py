@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from danube.data.chat import encode_chat_prompt
+from danube.data.records import read_jsonl
 from danube.eval.inference import TextTokenizer
 from danube.model import Danube
 from danube.model.generate import SamplingParams, generate
@@ -38,21 +39,14 @@ def load_questions(path: str | Path, skip_categories: Iterable[str] = ("coding",
         raise FileNotFoundError(f"MT-Bench questions not found: {path} (FastChat's data/mt_bench/question.jsonl)")
     skip = {c.lower() for c in skip_categories}
     questions, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                q = json.loads(line)
-                ok = isinstance(q, dict) and "question_id" in q and isinstance(q.get("turns"), list) and q["turns"]
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not JSON: {err}") from err
-            if not ok or not all(isinstance(t, str) for t in q["turns"]):
-                raise ValueError(f"{path}:{lineno}: expected {{question_id, category, turns: [str, ...]}}")
-            if q.get("category", "").lower() in skip:
-                skipped += 1
-                continue
-            questions.append(q)
+    for lineno, q in read_jsonl(path):  # names the line of bad JSON or bytes that are not UTF-8
+        if not (q.get("question_id") is not None and isinstance(q.get("turns"), list) and q["turns"]
+                and all(isinstance(t, str) for t in q["turns"])):
+            raise ValueError(f"{path}:{lineno}: expected {{question_id, category, turns: [str, ...]}}")
+        if str(q.get("category", "")).lower() in skip:
+            skipped += 1
+            continue
+        questions.append(q)
     log.info("%s: %d questions (%d skipped: categories %s)", path, len(questions), skipped, sorted(skip))
     return questions
 
