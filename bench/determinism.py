@@ -1,7 +1,7 @@
 """What ``train.deterministic`` costs on CPU, and whether it gives the same bits.
 
-Runs ``python train.py`` (the tiny default model, ``train.max_steps`` steps of each of its
-stages) with ``train.deterministic=true`` and ``=false`` in turn, rounds alternating the
+Runs ``python train.py`` (the tiny default model, its first ``train.max_steps`` optimizer
+steps) with ``train.deterministic=true`` and ``=false`` in turn, rounds alternating the
 order so a busy machine slows both alike. Each run is a fresh process (MKL reads its mode
 at its first call). The figure is the median of ``perf/tokens_per_sec`` over a run's
 logged steps, then the median over rounds; "same bits" compares each setting's runs with
@@ -60,7 +60,7 @@ def same_bits(a: Path, b: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps of each stage")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps (train.max_steps: of the first stage)")
     parser.add_argument("--quick", action="store_true", help="1 round of 6 steps")
     benchlib.add_write_flags(parser)
     args = parser.parse_args(argv)
@@ -78,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         identical = {s: all(same_bits(runs[s][0], other) for other in runs[s][1:]) for s in runs}
     base = statistics.median(speeds[False])
     rows = [[f"train.deterministic={str(s).lower()}", f"{statistics.median(speeds[s]):,.0f}",
-             f"{statistics.median(speeds[s]) / base:.2f}",
+             f"{min(speeds[s]):,.0f}-{max(speeds[s]):,.0f}", f"{statistics.median(speeds[s]) / base:.2f}",
              ("yes" if identical[s] else "no") if rounds > 1 else "-"] for s in (True, False)]
-    note = (f"The tiny default model (`python train.py`), {steps} optimizer steps of each stage, {rounds} "
-            "rounds alternating the order; tokens/s is the median over a run's logged steps, then over rounds. "
+    note = (f"The tiny default model (`python train.py`), its first {steps} optimizer steps (`train.max_steps`), "
+            f"{rounds} rounds alternating the order; tokens/s is the median over a run's logged steps, then over rounds. "
             "'Same bits': every run of that setting ends with the first one's weights and logged losses. "
             "`auto` (the default) is `true` on CPU.")
     benchlib.publish("determinism", "Deterministic numerics on CPU (train.deterministic)",
-                     ["setting", "tokens/s", "vs false", "same bits across invocations"], rows, note,
+                     ["setting", "tokens/s", "range over rounds", "vs false", "same bits across invocations"], rows, note,
                      write=benchlib.should_write(args))
     return 0
 
