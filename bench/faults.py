@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             f"1 to {args.max_delay:.0f} s after each start (start-up, training, validation, checkpoint writes): {exact} of "
             f"{trials} trials ended bit-exact with the uninterrupted run (weights and every logged loss). "
             f"{sum(ok for _, ok, _ in cases)} of {len(cases)} file faults detected. *exit codes*: one per start "
-            f"(-9: SIGKILL, 143: SIGTERM handled at a step boundary after a checkpoint, -15: SIGTERM during start-up, before training began, with nothing to save (a shell reports it as 143), 0: complete). {time.perf_counter() - start:.0f} s in all.\n")
+            "(-9: SIGKILL, 143: SIGTERM handled at a step boundary after a checkpoint, -15: SIGTERM during start-up, "
+            "before training began, with nothing to save (a shell reports it as 143), 0: complete). "
+            f"{time.perf_counter() - start:.0f} s in all.\n")
     benchlib.publish("faults", "Fault injection (train.py debug=fast, CPU)", ["case", "faults", "exit codes", "result"],
                      rows, note, write=benchlib.should_write(args))
     return 0 if exact == trials and all(ok for _, ok, _ in cases) else 1
