@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("DANUBE_TRACEBACK"):
             raise
-        print(f"danube {name}: error: {err}\n(set DANUBE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(f"danube {name}: error: {err} (DANUBE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 1
 
 

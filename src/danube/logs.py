@@ -24,6 +24,10 @@ DATE = "%H:%M:%S"
 LIBRARIES = ("lightning", "lightning_fabric", "pytorch_lightning", "litdata", "datasets", "transformers", "peft",
              "tensorboard", "torch", "urllib3", "filelock", "fsspec", "httpx", "huggingface_hub", "lm_eval",
              "matplotlib", "optuna", "numexpr", "sentencepiece")
+# Loggers whose warnings are about optional kernels of a library, not about the run: shown with verbose.
+# torchao (imported by transformers and peft when installed): its CUDA extensions and triton are absent
+# on CPU machines; torch's pytree: torchao registers Enums the deprecated way.
+QUIET = ("torchao", "torch.utils._pytree")
 # Python warnings every run printed, about library internals rather than anything the run does.
 WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -34,6 +38,9 @@ WARNINGS = (
     r"Found keys that are in the model state dict but not in the checkpoint",
     # peft: danube sets base_model_name_or_path itself right after (danube.lora.add_lora); the JSON is right
     r"The PEFT config's `base_model_name_or_path` was renamed",
+    # peft looks for a Hugging Face config.json beside the base (a danube directory has config.yaml); danube's
+    # adapters never change the vocabulary, which is all that check is for
+    r"Could not find a config file in .* - will assume that the vocabulary was not modified",
 )
 
 
@@ -61,6 +68,8 @@ def setup(verbose: bool = False, stream=None) -> None:
             for h in list(lg.handlers):  # Lightning's own StreamHandler: the second copy of each line
                 lg.removeHandler(h)
             lg.propagate = True
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     # The other ranks of a multi-device job (started by the launcher) say only what goes wrong.
     from danube.rundir import is_rank_zero
 

@@ -61,7 +61,8 @@ def _sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int, repetit
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: the likeliest tokens up to this mass")
     parser.add_argument("--repetition-penalty", type=float, default=repetition_penalty,
-                        help="transformers' meaning: > 1 makes tokens already in the text less likely")
+                        help=f"transformers' meaning: > 1 makes tokens already in the text less likely; default "
+                        f"{repetition_penalty}, the report's and the exported generation_config.json's (1.0: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the directory's own")
     parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:N or mps: "
@@ -84,7 +85,7 @@ def generate_main(argv: list[str], stdout: TextIO | None = None) -> int:
     parser.add_argument("model_dir")
     parser.add_argument("prompt", help="text to continue ('-': read it from standard input)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations to draw (sampling only)")
-    _sampling_args(parser, max_new_tokens=64, repetition_penalty=1.0)
+    _sampling_args(parser, max_new_tokens=64, repetition_penalty=1.1)  # = the export's generation_config.json
     args = parser.parse_args(argv)
     stdout = stdout or sys.stdout
     if args.num_samples < 1:

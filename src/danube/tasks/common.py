@@ -331,5 +331,5 @@ def run_entry_point(script: str, task: Callable[[DictConfig], Any], cfg: DictCon
     except USER_ERRORS as err:
         if os.environ.get("DANUBE_TRACEBACK") or hydra_mode_is_multirun():
             raise
-        print(f"{script}: error: {err}\n(set DANUBE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(f"{script}: error: {err} (DANUBE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
