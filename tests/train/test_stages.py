@@ -155,10 +155,10 @@ def test_module_starts_from_a_model_directory_exactly(tmp_path):
     "overrides, message",
     [
         (["+recipe.stages.1.weights.wiki=0.1"],
-         r"recipe stage 'data2' weights name \['code', 'docstrings', 'topics', 'wiki'\] .* unknown \['wiki'\]"),
+         r"recipe stage 'data2' weights name \['code', 'docstrings', 'topics', 'wiki'\] .* unknown: \['wiki'\]"),
         (["recipe.stages.0.weights.code=-1"], r"recipe.stages\[0\] \(data1\): weights must map"),
         (["+recipe.stages.2.weight=1"], r"recipe.stages\[2\] \(data3\): unknown keys \['weight'\]"),
-        (["data.weights={web: 1.0}"], r"data.weights name \['web'\] .* missing \['code', 'docstrings', 'topics'\]"),
+        (["data.weights={web: 1.0}"], r"data.weights name \['web'\] .* missing: \['code', 'docstrings', 'topics'\]"),
     ],
 )
 def test_bad_mixtures_fail_before_any_work(overrides, message, tmp_path):
