@@ -99,6 +99,11 @@ def test_config_errors_come_before_any_work(tiny_model_dir, chat_files, tmp_path
         run(compose_finetune(base + ["chat_data=openorca", f"chat_data.sources.openorca.path={tmp_path / 'nope'}"]))
     with pytest.raises(ValueError, match="chat_data.sources.openorca: unknown key.s. splt; allowed: path, hub, split"):
         run(compose_finetune(base + ["chat_data=openorca", "+chat_data.sources.openorca.splt=train"]))
+    for bad, message in (("train.threads=0", "train.threads=0 must be >= 1"),
+                         ("train.deterministic=sometimes", "train.deterministic='sometimes'; allowed: auto, true, false")):
+        with pytest.raises(ValueError, match=message):
+            run(compose_finetune(base + ["chat_data=metamathqa", bad,
+                                         f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))
     with pytest.raises(ValueError, match="train.val_fraction=1.5: must be in"):
         run(compose_finetune(base + ["chat_data=metamathqa", "train.val_fraction=1.5",
                                      f"chat_data.sources.metamathqa.path={chat_files['metamath']}"]))

@@ -231,12 +231,18 @@ def deterministic(cfg: DictConfig) -> bool:
     return determinism.wanted(cfg.train.get("deterministic", "auto"), accelerator)
 
 
-def pin_numerics(cfg: DictConfig) -> dict[str, object]:
-    """Apply ``train.deterministic``/``train.threads`` before any compute; returns what the history records."""
+def check_numerics(cfg: DictConfig) -> None:
+    """``train.deterministic`` and ``train.threads`` (both tasks' validation makes this check)."""
+    determinism.wanted(cfg.train.get("deterministic", "auto"), "cpu")
     threads = cfg.train.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"train.threads={threads!r} must be a positive integer (or null: torch's choice)")
-    return determinism.configure(deterministic(cfg), threads)
+        raise ValueError(f"train.threads={threads!r} must be >= 1 (an integer; null: torch's choice)")
+
+
+def pin_numerics(cfg: DictConfig) -> dict[str, object]:
+    """Apply ``train.deterministic``/``train.threads`` (checked by :func:`check_numerics`) before any compute;
+    returns what the history records."""
+    return determinism.configure(deterministic(cfg), cfg.train.get("threads"))
 
 
 def build_trainer(

@@ -39,8 +39,8 @@ from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_dir, atomic_write_text
 from danube.model.io import check_model_dir, save_model_dir, tokenizer_path
 from danube.model.loading import load_model
-from danube.tasks.common import (build_trainer, check_trainer_config, group_options, pin_numerics, resolve_run_dir,
-                                 world_size)
+from danube.tasks.common import (build_trainer, check_numerics, check_trainer_config, group_options, pin_numerics,
+                                 resolve_run_dir, world_size)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def validate(cfg: DictConfig) -> dict[str, SourceData]:
     if cfg.get("model_dir") in (None, "???"):
         raise ValueError("model_dir=PATH is required: a danube model directory or a Hugging Face checkpoint directory")
     check_model_dir(cfg.model_dir, "model_dir")
+    check_numerics(cfg)
     sources = _sources(cfg)
     if str(cfg.train.truncation) not in TRUNCATION:
         raise ValueError(f"train.truncation={cfg.train.truncation!r}; allowed: {', '.join(TRUNCATION)}")

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from danube import determinism, logs, rundir
+from danube import logs, rundir
 from danube.callbacks import StepBoundary, mean_validation_loss
 from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact
 from danube.data.tokenizer import Tokenizer
@@ -40,8 +40,9 @@ from danube.model import DanubeConfig
 from danube.model.attention import check_backend_available
 from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
 from danube.schedule import StagePlan, check_mixture, format_mixture, format_plan, plan_stages
-from danube.tasks.common import (build_trainer, check_trainer_config, current_names, current_recorded, danube_config,
-                                 hydra_mode_is_multirun, peak_flops, pin_numerics, resolve_run_dir, world_size)
+from danube.tasks.common import (build_trainer, check_numerics, check_trainer_config, current_names, current_recorded,
+                                 danube_config, hydra_mode_is_multirun, peak_flops, pin_numerics, resolve_run_dir,
+                                 world_size)
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,7 @@ def check_values(cfg: DictConfig) -> None:
     _number(t, "checkpoint_every_n_steps", "train.", integer=True, minimum=0)
     _number(t, "val_batches", "train.", integer=True, minimum=0, optional=True)
     _number(t, "max_steps", "train.", integer=True, minimum=1, optional=True)
-    _number(t, "threads", "train.", integer=True, minimum=1, optional=True)
-    determinism.wanted(t.get("deterministic", "auto"), "cpu")
+    check_numerics(cfg)
     lr = _number(o, "lr", "optim.", above=0)
     min_lr = _number(o, "min_lr", "optim.", minimum=0)
     if min_lr > lr:
