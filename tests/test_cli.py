@@ -58,3 +58,31 @@ def test_bad_input_is_one_line_naming_it_and_exit_code_1(tmp_path, capsys, monke
     monkeypatch.setenv("DANUBE_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         main(["import-hf", str(missing), str(tmp_path / "out")])
+
+
+def test_misspelt_command_is_one_line_with_the_closest_name(capsys):
+    assert main(["expor-hf", "a", "b"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("danube: error: unknown command 'expor-hf'") and "did you mean export-hf?" in captured.err
+    assert main(["zzz"]) == 2  # nothing close: the names instead of a guess
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean" not in err and "import-hf, export-hf" in err
+
+
+def test_no_command_is_a_usage_error_and_help_is_not(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("danube: error: no command given") and "export-hf" in captured.err
+    for flag in ("--help", "-h"):
+        assert main([flag]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.startswith("usage: danube COMMAND") and captured.err == ""
+
+
+def test_console_script_usage_errors_exit_2_in_one_line():
+    for argv, wanted in ([], "no command given"), (["expor-hf"], "did you mean export-hf?"):
+        done = subprocess.run([sys.executable, "-m", "danube.cli", *argv], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stdout == "", argv
+        assert done.stderr.count("\n") == 1 and wanted in done.stderr, done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -44,15 +45,41 @@ def usage() -> str:
     return "usage: danube COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines) + "\n\n`danube COMMAND --help` for each."
 
 
+def usage_error(message: str) -> int:
+    """Print a bad command line as one ``danube: error:`` line on stderr.
+
+    Args:
+        message: what is wrong and, where known, the fix.
+
+    Returns:
+        2, argparse's exit code for a usage error (what each subcommand's parser returns too).
+    """
+    print(f"danube: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``danube COMMAND [ARGS...]``.
+
+    Args:
+        argv: the arguments after ``danube``; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The command's exit code: 0 on success, 1 for bad input, 2 for a bad command line.
+    """
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        return usage_error(f"no command given; one of: {', '.join(COMMANDS)} (`danube --help` says what each does)")
+    if argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"danube: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        # One line, not the whole usage: the nearest name is usually the whole fix.
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        if close:
+            return usage_error(f"unknown command {name!r} (did you mean {close[0]}?); `danube --help` lists the commands")
+        return usage_error(f"unknown command {name!r}; one of: {', '.join(COMMANDS)} (`danube --help` says what each does)")
     run = command(name)
     logs.setup(verbose=bool(os.environ.get("DANUBE_VERBOSE")), stream=sys.stderr)  # after the imports: see logs.setup
     try:
