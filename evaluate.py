@@ -3,10 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
+import danube.config  # noqa: F401  registers the schema conf/evaluate.yaml is checked against
+
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from danube.tasks.common import run_entry_point
+    from danube.entry import run_entry_point
     from danube.tasks.evaluate import run
 
     run_entry_point("evaluate.py", run, cfg)
@@ -15,7 +17,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     from pathlib import Path
 
-    from danube.entry import preflight
+    from danube.entry import launch
 
-    preflight("evaluate", Path(__file__).parent / "conf")  # another script's experiment; --help's group list
-    main()
+    launch("evaluate", Path(__file__).parent / "conf", main)  # one-line errors, --help's group list

@@ -9,10 +9,12 @@ The report's chain (README, "Chat fine-tuning"):
 import hydra
 from omegaconf import DictConfig
 
+import danube.config  # noqa: F401  registers the schema conf/finetune.yaml is checked against
+
 
 @hydra.main(config_path="conf", config_name="finetune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from danube.tasks.common import run_entry_point
+    from danube.entry import run_entry_point
     from danube.tasks.finetune import run
 
     run_entry_point("finetune.py", run, cfg)
@@ -21,7 +23,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     from pathlib import Path
 
-    from danube.entry import preflight
+    from danube.entry import launch
 
-    preflight("finetune", Path(__file__).parent / "conf")  # another script's experiment; --help's group list
-    main()
+    launch("finetune", Path(__file__).parent / "conf", main)  # one-line errors, --help's group list

@@ -7,11 +7,13 @@ The report's run, one stage at a time:
 import hydra
 from omegaconf import DictConfig
 
+import danube.config  # noqa: F401  registers the schema conf/train.yaml is checked against
+
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from danube.sweep import objective
-    from danube.tasks.common import run_entry_point
+    from danube.entry import run_entry_point
     from danube.tasks.train import run
 
     # What a sweeper (Optuna) minimises: the final validation loss, inf when missing or not finite.
@@ -21,7 +23,6 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     from pathlib import Path
 
-    from danube.entry import preflight
+    from danube.entry import launch
 
-    preflight("train", Path(__file__).parent / "conf")  # another script's experiment; --help's group list
-    main()
+    launch("train", Path(__file__).parent / "conf", main)  # one-line errors, --help's group list

@@ -67,8 +67,7 @@ if [ $dry = 1 ]; then
     phase wheels 30 $py bench/gpu_wheels.py check "$wheels"
     phase configs 60 $py - <<'EOF'
 from hydra import compose, initialize_config_dir
-from danube.tasks.common import check_precision_config
-from danube.tasks.train import stage_plans
+from danube.config import PretrainConfig, typed
 from pathlib import Path
 runs = [["debug=fast", "trainer=h100x1", "precision=bf16"],
         ["debug=fast", "trainer=h100x1", "precision=fp8", "precision.backend=torchao"],
@@ -76,9 +75,8 @@ runs = [["debug=fast", "trainer=h100x1", "precision=bf16"],
          "train.compile=true"]]
 with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base="1.3"):
     for overrides in runs:
-        cfg = compose("train", overrides=overrides)
-        check_precision_config(cfg.trainer, cfg.precision)
-        assert stage_plans(cfg), overrides
+        # The schema and its rules, not the hardware (this machine may have no GPU).
+        assert typed(compose("train", overrides=overrides), PretrainConfig, "train.py").validate(), overrides
         print("composes:", " ".join(overrides))
 EOF
     phase grid-plan 60 $py bench/train_throughput.py --grid $grid --dry-run

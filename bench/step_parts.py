@@ -75,14 +75,11 @@ def cpu_adamw_shapes(n_params: int) -> list[tuple[int, ...]]:
 
 def model_shapes(name: str) -> list[tuple[int, ...]]:
     """Every parameter's shape in a conf/model preset (built on the meta device: no memory)."""
-    from omegaconf import OmegaConf
-
+    from danube.config import model_preset
     from danube.model import build_model
-    from danube.tasks.common import danube_config
 
     preset = benchlib.REPO / "conf" / "model" / f"{name}.yaml"
-    return [tuple(p.shape) for p in build_model(danube_config(OmegaConf.load(preset), str(preset)),
-                                                device="meta").parameters()]
+    return [tuple(p.shape) for p in build_model(model_preset(preset), device="meta").parameters()]
 
 
 def adamw_variants(shapes: list[tuple[int, ...]], device: str = "cpu") -> dict:

@@ -48,6 +48,7 @@ from omegaconf import OmegaConf
 
 import benchlib
 from danube.model import DanubeConfig
+from danube.precision import PrecisionConfig
 
 if TYPE_CHECKING:
     from danube.lit.pretrain import PretrainModule
@@ -125,21 +126,20 @@ def model_config(name: str, attention: str) -> DanubeConfig:
     if name == "small_100m":
         values = dict(SMALL_100M)
     else:
-        from danube.tasks.common import danube_config
+        from danube.config import model_preset
 
-        preset = benchlib.REPO / "conf" / "model" / f"{name}.yaml"
-        values = danube_config(OmegaConf.load(preset), str(preset)).to_dict()
+        values = model_preset(benchlib.REPO / "conf" / "model" / f"{name}.yaml").to_dict()
     values["attn_backend"] = attention
     return DanubeConfig.from_dict(values)
 
 
-def precision_config(name: str) -> dict:
+def precision_config(name: str) -> PrecisionConfig:
     """conf/precision/<name>.yaml; ``fp8-te`` and ``fp8-torchao`` are fp8.yaml with that backend."""
     base, _, backend = name.partition("-")
     values = OmegaConf.to_container(OmegaConf.load(benchlib.REPO / "conf" / "precision" / f"{base}.yaml"))
     if backend:
         values["backend"] = backend
-    return values
+    return PrecisionConfig(**values)
 
 
 def check_request(args: argparse.Namespace, groups: list[Group]) -> None:
@@ -469,7 +469,7 @@ def maybe_profile(args, group: Group, sides: list[Side], device: torch.device) -
 
 
 def peak_flops(device: torch.device) -> tuple[float | None, str]:
-    from danube.tasks.common import PEAK_BF16_FLOPS, measured_matmul_flops
+    from danube.tasks.trainer import PEAK_BF16_FLOPS, measured_matmul_flops
 
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import danube.config  # noqa: F401  registers the schemas conf/*.yaml are composed against
 from danube.model import DanubeConfig
 
 REPO = Path(__file__).resolve().parents[1]

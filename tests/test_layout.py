@@ -4,12 +4,14 @@ Every ``import`` counts, those inside functions too (an import put off until a f
 is still a dependency). The layers, lowest first (README, "Code map"):
 
 0. ground: the model and its files (``danube.model``), ``files``, ``schedule``, ``losses``,
-   ``errors``, ``determinism``; the model imports nothing of danube's but itself, ``errors`` and ``files``;
+   ``errors``, ``determinism``, ``optim``, ``settings``; the model imports nothing of danube's but
+   itself, ``errors`` and ``files``;
 1. data, formats and run plumbing: ``data``, ``hf``, ``lora``, ``swap_tokenizer``, ``eval``,
    ``checkpoints``, ``rundir``, ``logs``, ``precision``, ``plot``;
-2. Lightning: ``lit`` (the LightningModules) and ``callbacks``;
-3. tasks: ``tasks`` (what the scripts run) and ``sweep``;
-4. entry points: ``cli`` (the ``danube`` command) and ``entry`` (the scripts' preflight).
+2. the typed configs: ``config`` (one schema per script, built from the groups' dataclasses);
+3. Lightning: ``lit`` (the LightningModules) and ``callbacks``;
+4. tasks: ``tasks`` (what the scripts run) and ``sweep``;
+5. entry points: ``cli`` (the ``danube`` command) and ``entry`` (the scripts' door).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "danube"
 
 LAYERS = {
     0: ("danube", "danube.model", "danube.files", "danube.schedule", "danube.losses", "danube.errors",
-        "danube.determinism"),
+        "danube.determinism", "danube.optim", "danube.settings"),
     1: ("danube.data", "danube.hf", "danube.lora", "danube.swap_tokenizer", "danube.eval", "danube.checkpoints",
         "danube.rundir", "danube.logs", "danube.precision", "danube.plot"),
-    2: ("danube.lit", "danube.callbacks"),
-    3: ("danube.tasks", "danube.sweep"),
-    4: ("danube.cli", "danube.entry"),
+    2: ("danube.config",),
+    3: ("danube.lit", "danube.callbacks"),
+    4: ("danube.tasks", "danube.sweep"),
+    5: ("danube.cli", "danube.entry"),
 }
 MODEL_MAY_IMPORT = ("danube.model", "danube.errors", "danube.files")
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from danube.lit.pretrain import PretrainModule
 from danube.model import DanubeConfig, build_model
-from danube.precision import FP8_PROJECTIONS, convert_to_float8, fp8_backend, fp8_modules, is_block_projection
+from danube.precision import FP8_PROJECTIONS, PrecisionConfig, convert_to_float8, fp8_modules, is_block_projection
 
 pytest.importorskip("torchao", reason="torchao is the fp8 extra (pip install -e '.[fp8]')")
 
@@ -100,7 +100,7 @@ def test_pretrain_module_converts_with_backend_torchao():
 
 
 def test_backend_defaults_to_transformer_engine_and_unknown_ones_are_named():
-    assert fp8_backend({"fp8": True}) == "te"
-    assert fp8_backend({"fp8": False, "backend": "torchao"}) is None
+    assert PrecisionConfig(fp8=True).fp8_backend == "te"
+    assert PrecisionConfig(fp8=False, backend="torchao").fp8_backend is None
     with pytest.raises(ValueError, match="precision.backend='fp8lib'; allowed: te, torchao"):
-        fp8_backend({"fp8": True, "backend": "fp8lib"})
+        PrecisionConfig(fp8=True, backend="fp8lib")

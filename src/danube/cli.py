@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
     "quality": ("danube.data.quality.cli:quality_main", "filter jsonl documents: heuristic rules, GBM and transformer classifiers"),
     "sweep-report": ("danube.sweep:sweep_report_main", "tabulate a train.py multirun by validation loss (Markdown, CSV, TensorBoard hparams)"),
+    "settings": ("danube.config.reference:settings_main", "every setting of train.py, finetune.py and evaluate.py: "
+                 "type, default, range"),
     "swap-tokenizer": ("danube.swap_tokenizer:swap_tokenizer_main", "re-map a model directory to another tokenizer (shared pieces keep their rows)"),
 }
 

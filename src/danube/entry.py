@@ -1,4 +1,9 @@
-"""What ``train.py``, ``finetune.py`` and ``evaluate.py`` settle before Hydra composes a config.
+"""The three scripts' door: what ``train.py``, ``finetune.py`` and ``evaluate.py`` settle around Hydra.
+
+Before Hydra composes a config: which script an experiment belongs to, and ``--help``'s
+group list. Around it: every failure -- Hydra's composition, the schema, a task's bad
+input -- reaches the user as one line with an honest exit code (:func:`launch`,
+:func:`run_entry_point`).
 
 The three scripts share one ``conf/`` tree, so Hydra alone would list every group in each
 script's ``--help`` and answer ``python train.py experiment=danube_chat_sft`` (a
@@ -13,11 +18,17 @@ the one beside them): nothing here guesses where a checkout is.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import shlex
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 SCRIPTS = ("train", "finetune", "evaluate")
 _EXPERIMENT = re.compile(r"^\+{0,2}experiment=(.+)$")
@@ -97,3 +108,68 @@ def preflight(script: str, conf: Path, argv: list[str] | None = None) -> None:
 
     OmegaConf.register_new_resolver("danube_help", lambda name: help_text(name, Path(conf)), replace=True)
     check_experiment(script, sys.argv[1:] if argv is None else argv, Path(conf))
+
+
+def launch(script: str, conf: Path, hydra_main: Callable[[], Any]) -> None:
+    """Run a script's ``@hydra.main`` function; a config Hydra cannot compose is one line and exit code 1.
+
+    Hydra reports its own errors over several lines (and advice such as "use +key=value"
+    for a key that exists nowhere); with ``HYDRA_FULL_ERROR`` they reach this function,
+    which names the key or the option and the closest valid one. ``DANUBE_TRACEBACK=1``
+    shows the traceback instead.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from danube.config import SCHEMAS, one_line
+    from danube.errors import USER_ERRORS
+
+    preflight(script, conf)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing: the message is made here
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException, *USER_ERRORS) as err:
+        if os.environ.get("DANUBE_TRACEBACK"):
+            raise
+        print(f"{script}.py: error: {one_line(err, SCHEMAS[script])} (DANUBE_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def run_entry_point(script: str, task: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run ``task(cfg)`` for ``train.py``/``finetune.py``/``evaluate.py`` with honest exit codes.
+
+    * A user error (a bad config value, a missing or damaged file, a run directory in
+      use) is one line on stderr, ``SCRIPT: error: ...``, and exit code 1;
+      ``DANUBE_TRACEBACK=1`` shows the traceback instead. In a multirun the error is
+      raised, so the sweeper records the job as failed and goes on.
+    * An interrupted run (SIGTERM, SIGINT) exits with 128 + the signal number after
+      saying which checkpoint survived and how to resume: never 0.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from danube import logs
+    from danube.callbacks import Interrupted
+    from danube.config.hydra_runtime import is_multirun
+    from danube.errors import USER_ERRORS
+
+    logs.setup(verbose=bool(cfg.get("verbose", False)))
+    try:
+        return task(cfg)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (fine-tuning), a SystemExit with code 0
+        log.warning("%s: stopped by SIGTERM before the end; fine-tuning keeps no checkpoint: run the same command "
+                    "again to start it over", script)
+        sys.exit(143)
+    except Interrupted as err:
+        log.warning("%s: %s. Run the same command again to resume from it:\n  python %s", script, err,
+                    shlex.join(sys.argv))
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        log.warning("%s: interrupted; the run's newest checkpoint survives: run the same command again to resume",
+                    script)
+        sys.exit(130)
+    except USER_ERRORS as err:
+        if os.environ.get("DANUBE_TRACEBACK") or is_multirun():
+            raise
+        print(f"{script}: error: {err} (DANUBE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from danube.errors import MissingHardware
+from danube.settings import check_ranges, setting
 
 FP8_BACKENDS = ("te", "torchao")
 FP8_FORMATS = ("hybrid", "e4m3")
@@ -41,24 +43,34 @@ _PACKAGES = {
 log = logging.getLogger(__name__)
 
 
-def fp8_backend(precision: dict | None) -> str | None:
-    """The FP8 backend a precision config asks for (None: no FP8); an unknown name is an error."""
-    precision = precision or {}
-    if not precision.get("fp8"):
-        return None
-    backend = precision.get("backend", "te")
-    if backend not in FP8_BACKENDS:
-        raise ValueError(f"precision.backend={backend!r}; allowed: {', '.join(FP8_BACKENDS)}")
-    if backend == "torchao" and precision.get("recipe", "tensorwise") not in TORCHAO_RECIPES:
-        raise ValueError(f"precision.recipe={precision.get('recipe')!r}; allowed: {', '.join(TORCHAO_RECIPES)}")
-    if backend == "te" and precision.get("fp8_format", "hybrid") not in FP8_FORMATS:
-        raise ValueError(f"precision.fp8_format={precision.get('fp8_format')!r}; allowed: {', '.join(FP8_FORMATS)}")
-    return backend
+TRAINER_PRECISIONS = ("32-true", "bf16-mixed")  # fp16 would need a loss scaler: danube clips unscaled gradients
 
 
-def check_fp8_available(precision: dict | None = None) -> None:
+@dataclass
+class PrecisionConfig:
+    """``precision`` (conf/precision/*.yaml): the Trainer's precision and, optionally, FP8 on the block projections."""
+
+    trainer_precision: str = setting("32-true", "Lightning's precision", choices=TRAINER_PRECISIONS)
+    fp8: bool = setting(False, "FP8 on every attention and MLP projection (lm_head stays bf16); Hopper GPUs")
+    backend: str = setting("te", "fp8: te (Transformer Engine, the report's) or torchao", choices=FP8_BACKENDS)
+    fp8_format: str = setting("hybrid", "te: hybrid (E4M3 forward, E5M2 backward) or e4m3", choices=FP8_FORMATS)
+    amax_history_len: int = setting(1024, "te: steps of amax history for delayed scaling", min=1)
+    amax_compute_algo: str = setting("max", "te: max | most_recent over the history")
+    recipe: str = setting("tensorwise", "torchao: tensorwise (fastest), rowwise, rowwise_with_gw_hp (most accurate)",
+                          choices=TORCHAO_RECIPES)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "precision")  # every option named, whether or not fp8 uses it
+
+    @property
+    def fp8_backend(self) -> str | None:
+        """The FP8 backend asked for (None: no FP8)."""
+        return self.backend if self.fp8 else None
+
+
+def check_fp8_available(precision: PrecisionConfig | None = None) -> None:
     """Fail before any compute when FP8 is asked for where it cannot run, naming what is missing."""
-    backend = fp8_backend({**(precision or {}), "fp8": True})
+    backend = (precision or PrecisionConfig()).backend
     package, install = _PACKAGES[backend]
     if not torch.cuda.is_available():
         raise MissingHardware(
@@ -73,20 +85,17 @@ def check_fp8_available(precision: dict | None = None) -> None:
 
 
 # -- Transformer Engine -------------------------------------------------------------------
-def _recipe(precision: dict):
+def _recipe(precision: PrecisionConfig):
     from transformer_engine.common.recipe import DelayedScaling, Format
 
-    fmt = precision.get("fp8_format", "hybrid")
-    if fmt not in FP8_FORMATS:
-        raise ValueError(f"precision.fp8_format={fmt!r}; allowed: {FP8_FORMATS}")
     return DelayedScaling(
-        fp8_format=Format.HYBRID if fmt == "hybrid" else Format.E4M3,
-        amax_history_len=int(precision.get("amax_history_len", 1024)),
-        amax_compute_algo=precision.get("amax_compute_algo", "max"),
+        fp8_format=Format.HYBRID if precision.fp8_format == "hybrid" else Format.E4M3,
+        amax_history_len=precision.amax_history_len,
+        amax_compute_algo=precision.amax_compute_algo,
     )
 
 
-def te_linear_factory(precision: dict):
+def te_linear_factory(precision: PrecisionConfig):
     """A ``linear(in, out)`` factory building bias-free ``te.Linear`` layers."""
     check_fp8_available(precision)
     import transformer_engine.pytorch as te
@@ -97,13 +106,13 @@ def te_linear_factory(precision: dict):
     return linear
 
 
-def fp8_autocast(enabled: bool, precision: dict | None):
+def fp8_autocast(enabled: bool, precision: PrecisionConfig | None):
     """TE's fp8 autocast when enabled, a no-op context otherwise."""
     if not enabled:
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
 
-    return te.fp8_autocast(enabled=True, fp8_recipe=_recipe(precision or {}))
+    return te.fp8_autocast(enabled=True, fp8_recipe=_recipe(precision or PrecisionConfig(fp8=True)))
 
 
 # -- torchao ------------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def _import_torchao_float8():
     return Float8LinearConfig, convert_to_float8_training
 
 
-def convert_to_float8(model: nn.Module, precision: dict | None = None, *, emulate: bool = False) -> list[str]:
+def convert_to_float8(model: nn.Module, precision: PrecisionConfig | None = None, *, emulate: bool = False) -> list[str]:
     """Swap every block projection of ``model`` for torchao's ``Float8Linear``, in place.
 
     Returns the converted modules' names. ``emulate=True`` casts to FP8 but multiplies in
@@ -139,10 +148,7 @@ def convert_to_float8(model: nn.Module, precision: dict | None = None, *, emulat
     kernel later.
     """
     Float8LinearConfig, convert_to_float8_training = _import_torchao_float8()
-    precision = precision or {}
-    recipe = precision.get("recipe", "tensorwise")
-    if recipe not in TORCHAO_RECIPES:
-        raise ValueError(f"precision.recipe={recipe!r}; allowed: {', '.join(TORCHAO_RECIPES)}")
+    recipe = (precision or PrecisionConfig(fp8=True, backend="torchao")).recipe
     chosen = [name for name, m in model.named_modules() if is_block_projection(m, name)]
     for name in chosen:
         weight = model.get_submodule(name).weight

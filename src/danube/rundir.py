@@ -44,6 +44,19 @@ class ConfigChanged(ValueError):
     """An invocation that would mix two runs in one directory."""
 
 
+def resolve(run_dir: str | None, *, name: str | None, runs_dir: str | Path, job_dir: Path | None = None) -> Path:
+    """Where a run writes: ``run_dir`` if given; a multirun job's own folder; else ``runs_dir/name``.
+
+    ``name`` defaults to the model preset's name (``runs/tiny``), so the same command
+    finds the same directory and resumes.
+    """
+    if run_dir:
+        return Path(run_dir)
+    if job_dir is not None:
+        return job_dir
+    return Path(runs_dir) / str(name or "run")
+
+
 def is_rank_zero() -> bool:
     """Whether this process is the first of its job (the others are started later by the launcher)."""
     for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
@@ -101,14 +114,14 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 
 
 def same_value(a: Any, b: Any) -> bool:
-    """Equal as config values: ``3e-3 == 0.003``, lists and mappings element by element."""
+    """Equal as config values: ``3e-3 == 0.003``, lists and mappings element by element, absent as null."""
     numbers = (int, float)
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
         return float(a) == float(b)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):  # an absent key is a null one (a stage without weights)
+        return all(same_value(a.get(k), b.get(k)) for k in a.keys() | b.keys())
     return a == b
 
 

@@ -3,7 +3,7 @@
 Pretraining's schedule is a function of tokens seen, never of steps: stages change the
 sequence length (and so the micro-batch) but not the tokens per optimizer step, and the
 cosine runs from the first token of the first stage to the last token of the last one.
-Fine-tuning, one fixed plan of optimizer steps, uses :func:`cosine_with_warmup` by step.
+Fine-tuning, one fixed plan of optimizer steps, runs the same :func:`lr_at` by step.
 """
 
 from __future__ import annotations
@@ -13,25 +13,27 @@ import numbers
 from dataclasses import dataclass
 
 
-def lr_at(tokens: int, *, lr: float, min_lr: float, warmup_tokens: int, total_tokens: int) -> float:
-    """Linear warm-up over ``warmup_tokens`` to ``lr``, then cosine to ``min_lr`` at ``total_tokens``.
+def lr_at(progress: float, *, lr: float, min_lr: float, warmup: float, total: float) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` units, then cosine to ``min_lr`` at ``total`` units.
 
-    A step uses the LR at the tokens seen *after* it, so the first step's LR is not 0.
+    The one LR schedule: pretraining counts its units in tokens seen, fine-tuning in
+    optimizer steps. A step uses the LR at the units consumed *after* it (the tokens
+    counting its batch; step k, 0-based, at k + 1), so the first step's LR is not 0 and the
+    last one's is ``min_lr``.
+
+    Args:
+        progress: units consumed, this step's included.
+        lr: the peak, reached at the end of the warm-up.
+        min_lr: the floor, reached at ``total`` and kept after it.
+        warmup: units of the linear warm-up (0: none).
+        total: units at which the cosine reaches ``min_lr``.
     """
-    if tokens < warmup_tokens:
-        return lr * tokens / warmup_tokens
-    if tokens >= total_tokens:
+    if progress < warmup:
+        return lr * progress / warmup
+    if progress >= total:
         return min_lr
-    progress = (tokens - warmup_tokens) / max(1, total_tokens - warmup_tokens)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up from ~0, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    fraction = (progress - warmup) / (total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * fraction))
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ STAGE_KEYS = {"name", "seq_len", "tokens", "weights"}
 
 def check_weights(weights: dict, where: str) -> None:
     """A data mixture: source name -> number >= 0 (not NaN), with a positive sum."""
+    if not isinstance(weights, dict):
+        raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, got {weights}")
     values = list(weights.values())
     if not values or any(not isinstance(w, numbers.Real) or not w >= 0 for w in values) or sum(values) <= 0:
         raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, got {weights}")
@@ -132,7 +136,7 @@ def format_plan(
     total = plans[-1].end_tokens
 
     def lr_of(t: int) -> str:
-        return f"{lr_at(t, lr=lr, min_lr=min_lr, warmup_tokens=warmup_tokens, total_tokens=total):.3g}"
+        return f"{lr_at(t, lr=lr, min_lr=min_lr, warmup=warmup_tokens, total=total):.3g}"
 
     head = (
         "| stage | seq_len | tokens | start -> end tokens | steps | micro-batch | grad accum | LR first step | "

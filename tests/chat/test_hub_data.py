@@ -172,16 +172,17 @@ def test_the_report_experiments_run_from_hub_ids(tiny_model_dir, tmp_path, offli
 
 @pytest.mark.parametrize("config", sorted(p.stem for p in (CONF / "chat_data").glob("*.yaml")))
 def test_every_chat_data_config_composes_with_a_known_format_and_split(config):
+    from danube.config import FinetuneConfig, typed
     from danube.data import preference, sft
     from danube.data.records import SOURCE_KEYS
-    from danube.tasks.finetune import SOURCE_OPTIONS
     from tests.chat.hub_layouts import LAYOUTS
 
-    cfg = compose_finetune([f"chat_data={config}", "model_dir=/m"])
-    for name, src in cfg.chat_data.sources.items():
-        assert set(src) <= {*SOURCE_KEYS, *SOURCE_OPTIONS}, (name, sorted(src))
+    loss = "dpo" if config.startswith("pref_") or config == "danube_dpo" else "sft"
+    job = typed(compose_finetune([f"chat_data={config}", "model_dir=/m", f"loss={loss}"]), FinetuneConfig, "finetune.py")
+    for name, src in job.chat_data.sources.items():
+        assert set(SOURCE_KEYS) <= set(vars(src)), (name, sorted(vars(src)))  # what danube.data.records reads
         assert src.format in {*sft.FORMATS, *preference.FORMATS}
-        if src.get("hub"):  # every Hub dataset a config names has a Hub-layout fixture, and a split
+        if src.hub:  # every Hub dataset a config names has a Hub-layout fixture, and a split
             assert src.hub in LAYOUTS and src.split
         else:
             assert src.path

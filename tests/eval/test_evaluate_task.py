@@ -153,7 +153,7 @@ def test_bad_config_fails_before_loading(model_dirs, tmp_path):
 
 
 def test_the_old_name_of_model_dir_still_works_with_a_warning(model_dirs, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="danube.tasks.common"):
+    with caplog.at_level(logging.WARNING, logger="danube.config.door"):
         with pytest.raises(FileNotFoundError, match="model_dir=.*nope: no such directory"):
             run(config(f"model_path={tmp_path / 'nope'}", "tasks=[x]"))
     assert "evaluate.py: model_path= is deprecated and goes in the next release; use model_dir=" in caplog.text

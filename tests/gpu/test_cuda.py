@@ -37,9 +37,7 @@ FP32 = {"trainer_precision": "32-true", "fp8": False}
 
 def tiny(**overrides) -> DanubeConfig:
     """conf/model/tiny.yaml: 4 layers x 256, window 64."""
-    from danube.tasks.common import danube_config
-
-    return danube_config({**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml")), **overrides})
+    return DanubeConfig.from_dict({**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny.yaml")), **overrides})
 
 
 def module(cfg: DanubeConfig, device: str, precision: dict = FP32, **kwargs) -> PretrainModule:

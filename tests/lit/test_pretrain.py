@@ -186,7 +186,7 @@ def test_mfu_above_the_ceiling_is_logged_as_measured_and_said_once(tmp_path, tin
 
 
 def test_measured_cpu_ceiling_is_measured_once_per_shape():
-    from danube.tasks.common import measured_matmul_flops
+    from danube.tasks.trainer import measured_matmul_flops
 
     first = measured_matmul_flops(64, 96)
     assert 0 < first < float("inf")

@@ -1,9 +1,8 @@
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
 from danube.model import DanubeConfig, build_model
-from danube.tasks.common import danube_config
+from danube.config import model_preset
 from tests.conftest import CONF
 
 EXPECTED = {
@@ -16,17 +15,17 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_preset_parameter_count_on_meta(name):
-    cfg = danube_config(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    cfg = model_preset(CONF / "model" / f"{name}.yaml")
     model = build_model(cfg, device="meta")
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == EXPECTED[name] == cfg.num_params()
 
 
 def test_danube_1p8b_is_the_report_architecture():
-    cfg = danube_config(OmegaConf.load(CONF / "model" / "danube_1p8b.yaml"))
+    cfg = model_preset(CONF / "model" / "danube_1p8b.yaml")
     assert (cfg.n_embd, cfg.intermediate_size, cfg.n_layer, cfg.n_head, cfg.n_kv_head) == (2560, 6912, 24, 32, 8)
     assert (cfg.vocab_size, cfg.sliding_window, cfg.tie_word_embeddings) == (32000, 4096, False)
-    danube2 = danube_config(OmegaConf.load(CONF / "model" / "danube2_1p8b.yaml"))
+    danube2 = model_preset(CONF / "model" / "danube2_1p8b.yaml")
     assert danube2.sliding_window is None and danube2.max_seq_len == 8192
 
 

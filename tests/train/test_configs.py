@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from danube.model import DanubeConfig
-from danube.tasks.train import model_config, stage_plans, validate
+from danube.config import PretrainConfig, typed
+from danube.tasks.train import validate
 from tests.conftest import CONF, REPO
 from tests.train.conftest import compose_train
 
@@ -24,9 +25,9 @@ def test_every_option_composes(group, option):
         overrides += ["model=danube_1p8b"]
         if option == "multinode":  # 16 GPUs: ~1.18M does not divide by 16 x 16,384
             overrides += ["train.global_batch_tokens=1_048_576"]
-    cfg = compose_train(overrides)
-    assert isinstance(model_config(cfg), DanubeConfig)  # the one path from conf/model/*.yaml to the model
-    assert stage_plans(cfg)  # the recipe divides into steps on this trainer
+    job = typed(compose_train(overrides), PretrainConfig, "train.py")  # the schema's checks, no hardware's
+    assert isinstance(job.model, DanubeConfig)  # the one path from conf/model/*.yaml to the model
+    assert job.plans()  # the recipe divides into steps on this trainer
 
 
 # Which shipped recipe has each stage file's stage.
@@ -87,7 +88,7 @@ def test_bad_config_fails_before_any_work(overrides, error, message):
 
 
 def test_the_old_name_of_model_dir_still_works_with_a_warning(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="danube.tasks.common"):
+    with caplog.at_level("WARNING", logger="danube.config.door"):
         with pytest.raises(FileNotFoundError, match=f"model_dir={tmp_path / 'nope'}: no such directory"):
             validate(compose_train([f"init_from={tmp_path / 'nope'}"]))
     assert "train.py: init_from= is deprecated and goes in the next release; use model_dir=" in caplog.text

@@ -5,7 +5,7 @@ import pytest
 from danube.schedule import format_plan, lr_at, plan_stages
 from tests.train.conftest import compose_train
 
-KW = dict(lr=2e-4, min_lr=1e-5, warmup_tokens=2_359_296_000, total_tokens=10**12)
+KW = dict(lr=2e-4, min_lr=1e-5, warmup=2_359_296_000, total=10**12)
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -52,6 +52,37 @@ def test_plan_rejects_what_cannot_divide(kwargs, message):
 
 def test_ln_of_cosine_is_symmetric():
     # the cosine is centred between the end of warm-up and the end of the last stage
-    kw = dict(lr=1.0, min_lr=0.0, warmup_tokens=100, total_tokens=1100)
+    kw = dict(lr=1.0, min_lr=0.0, warmup=100, total=1100)
     assert lr_at(600, **kw) == pytest.approx(0.5)
     assert lr_at(350, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+# The one schedule in generic units (fine-tuning counts optimizer steps): lr 1, floor 0.1,
+# warm-up over 4 units, the cosine ends at 20.
+UNITS = dict(lr=1.0, min_lr=0.1, warmup=4, total=20)
+
+
+def closed_form(p: float) -> float:
+    if p < 4:
+        return p / 4
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (p - 4) / 16)))
+
+
+def test_warmup_is_linear_from_the_first_unit_to_the_peak():
+    assert [lr_at(p, **UNITS) for p in range(5)] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    assert lr_at(1, **UNITS) > 0  # the first step uses progress 1, never LR 0
+
+
+def test_cosine_from_the_peak_through_the_midpoint_to_the_floor():
+    assert lr_at(4, **UNITS) == 1.0  # the peak exactly at the end of warm-up
+    assert lr_at(12, **UNITS) == pytest.approx(0.55)  # half-way: the mean of peak and floor
+    assert lr_at(20, **UNITS) == pytest.approx(0.1)  # the floor exactly at `total`
+    assert lr_at(25, **UNITS) == 0.1
+    values = [lr_at(p, **UNITS) for p in range(4, 21)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # strictly decreasing after warm-up
+    assert [lr_at(p, **UNITS) for p in range(26)] == pytest.approx([closed_form(p) for p in range(26)])
+
+
+def test_no_warmup_starts_at_the_peak():
+    assert lr_at(0, lr=1.0, min_lr=0.0, warmup=0, total=10) == 1.0
+    assert lr_at(10, lr=1.0, min_lr=0.0, warmup=0, total=10) == 0.0

@@ -22,7 +22,7 @@ from danube.model.io import read_config, save_model_dir
 from danube.model.loading import load_model
 from danube.plot import read_scalars
 from danube.schedule import lr_at
-from danube.tasks.train import model_config, run, validate
+from danube.tasks.train import load, run, validate
 from tests.conftest import corpus_lines
 from tests.train.conftest import SMALL, compose_train
 
@@ -108,8 +108,7 @@ def test_tensorboard_token_counts_end_each_stage_at_the_checkpoint_counts(chain)
     lr = scalars["train/lr"]
     assert [t for t, _ in lr[:2]] == [0, 4096]  # the first stage's first token, then its first step
     for tokens, value in lr:
-        assert value == pytest.approx(lr_at(tokens, lr=1e-2, min_lr=1e-3, warmup_tokens=8192,
-                                            total_tokens=sum(STAGE_TOKENS)))
+        assert value == pytest.approx(lr_at(tokens, lr=1e-2, min_lr=1e-3, warmup=8192, total=sum(STAGE_TOKENS)))
     seq = {v for _, v in scalars["train/seq_len"]}
     assert seq == {64.0}
 
@@ -140,8 +139,8 @@ def test_resuming_inside_a_stage_keeps_the_per_source_counts(chain, data_root, t
 
 def test_module_starts_from_a_model_directory_exactly(tmp_path):
     cfg = compose_train(["debug=fast", "model.sliding_window=null"])
-    saved = save_model_dir(build_model(model_config(cfg)), tmp_path / "m")
-    module = PretrainModule(model=model_config(cfg).to_dict(), optim={}, total_tokens=1,
+    saved = save_model_dir(build_model(load(cfg).model), tmp_path / "m")
+    module = PretrainModule(model=load(cfg).model.to_dict(), optim={}, total_tokens=1,
                             seq_len=64, init_from=str(saved))
     module.configure_model()
     module._start_from_model_dir(str(saved))
@@ -181,11 +180,11 @@ def test_the_start_model_must_fit_the_model_and_the_data(tmp_path, data_root, sp
         validate(compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path}", *base]))
     other = compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path}", *base,
                            "model.intermediate_size=96"])
-    save_model_dir(build_model(model_config(other)), tmp_path / "narrow", tokenizer=sp_model)
+    save_model_dir(build_model(load(other).model), tmp_path / "narrow", tokenizer=sp_model)
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \[96, 64\]"):
         validate(compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path / 'narrow'}", *base]))
     cfg = compose_train(["experiment=danube2_continue_tiny", f"model_dir={tmp_path / 'oldtok'}", *base])
-    save_model_dir(build_model(model_config(cfg)), tmp_path / "oldtok", tokenizer=sp_model)
+    save_model_dir(build_model(load(cfg).model), tmp_path / "oldtok", tokenizer=sp_model)
     with pytest.raises(ValueError, match="danube swap-tokenizer"):
         run(cfg)  # the sample's tokenizer is not the directory's: refused before any step
     assert not (tmp_path / "run").exists()

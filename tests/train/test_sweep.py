@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from danube.cli import main as cli_main
 from danube.sweep import find_jobs, objective, sweep_report
-from danube.tasks.train import TrainResult, check_multirun_job, validate
+from danube.tasks.train import TrainResult, validate
 from tests.conftest import CONF, REPO
 from tests.train.conftest import compose_train
 
@@ -38,13 +38,13 @@ def test_objective_is_the_final_val_loss_and_inf_when_missing_or_diverged(caplog
 def test_multirun_refuses_a_shared_run_dir_and_several_devices(monkeypatch):
     import danube.tasks.train as train
 
-    monkeypatch.setattr(train, "hydra_mode_is_multirun", lambda: True)
+    monkeypatch.setattr(train.hydra_runtime, "is_multirun", lambda: True)
     with pytest.raises(ValueError, match="every job would write"):
-        check_multirun_job(compose_train(["run_dir=/tmp/one_dir"]))
+        train.load(compose_train(["run_dir=/tmp/one_dir"]))
     gpus = compose_train(["trainer=h100x8", "model=danube_1p8b"])
     with pytest.raises(ValueError, match="8 devices in a multirun"):
-        check_multirun_job(gpus)
-    check_multirun_job(compose_train([]))  # one device, run_dir per job: fine
+        train.load(gpus)
+    train.load(compose_train([]))  # one device, run_dir per job: fine
 
 
 def _hydra_config(job_dir: Path, mode: str = "MULTIRUN"):

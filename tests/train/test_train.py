@@ -16,7 +16,7 @@ import torch
 from danube.model.loading import load_model
 from danube.plot import plot_run, read_scalars
 from danube.schedule import lr_at
-from danube.tasks.common import AtomicCheckpointIO
+from danube.checkpoints import AtomicCheckpointIO
 from danube.tasks.train import run
 from tests.conftest import REPO
 from tests.train.conftest import SMALL, compose_train
@@ -44,7 +44,7 @@ def test_two_stages_run_back_to_back(two_stage_run):
     assert [v for t, v in seq if t == 40960] == [64.0, 128.0]
     # the second stage continued the schedule where the first left it
     for tokens, value in scalars["train/lr"]:
-        assert value == pytest.approx(lr_at(tokens, lr=1e-2, min_lr=1e-3, warmup_tokens=8192, total_tokens=65536))
+        assert value == pytest.approx(lr_at(tokens, lr=1e-2, min_lr=1e-3, warmup=8192, total=65536))
 
 
 def test_training_lowers_validation_loss(two_stage_run):

@@ -27,9 +27,6 @@ from danube.data.records import ReadStats
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("sft", "dpo")
-
-
 @dataclass
 class SourceData:
     """One ``chat_data`` source, resolved: its rows, its held-out rows (``val_split``), format, language."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from danube.config import FinetuneOptimConfig
 from danube.lit.finetune import FinetuneModule
 from danube.losses import dpo_loss, sequence_logps
 
@@ -20,9 +21,9 @@ from danube.losses import dpo_loss, sequence_logps
 class DPOModule(FinetuneModule):
     """Args: model (a peft-wrapped Danube), optim, total_steps, beta."""
 
-    def __init__(self, model: torch.nn.Module, optim: dict, total_steps: int, beta: float) -> None:
+    def __init__(self, model: torch.nn.Module, optim: FinetuneOptimConfig | dict, total_steps: int, beta: float) -> None:
         super().__init__(model, optim, total_steps)
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters("beta")  # beside what FinetuneModule recorded
         if not hasattr(model, "disable_adapter"):
             raise TypeError("DPOModule needs a peft-wrapped model (danube.lora.add_lora): the reference is the "
                             "same model with its adapters disabled")

@@ -1,50 +1,60 @@
 """What SFT and DPO share as LightningModules: the optimizer, the LR schedule, validation sums, the loss scale.
 
 :class:`danube.lit.sft.SFTModule` and :class:`danube.lit.dpo.DPOModule` subclass it. The
-LR warms up and decays by optimizer step (:func:`danube.schedule.cosine_with_warmup`):
-a fine-tuning run is one fixed step plan, unlike pretraining's token-keyed stages.
+LR warms up and decays by optimizer step (:func:`danube.schedule.lr_at`, pretraining's schedule
+counted in steps): a fine-tuning run is one fixed step plan, unlike pretraining's token-keyed stages.
 """
 
 from __future__ import annotations
 
-import lightning as L
+import dataclasses
+
 import torch
 
-from danube.schedule import cosine_with_warmup
+from danube.config import FinetuneOptimConfig
+from danube.lit.clipping import ClipsGradients
+from danube.optim import adamw
+from danube.schedule import lr_at
 
 
-class FinetuneModule(L.LightningModule):
+class FinetuneModule(ClipsGradients):
     """What SFT and DPO share: AdamW over trainable parameters, cosine LR with warm-up by step.
 
     Args:
         model: the model to train (not saved into hparams).
-        optim: lr, min_lr_ratio, warmup_ratio, betas, eps, weight_decay.
+        optim: AdamW and the step schedule (a ``FinetuneOptimConfig``, or its fields; recorded as fields).
         total_steps: optimizer steps of the run (the cosine ends there).
     """
 
-    def __init__(self, model: torch.nn.Module, optim: dict, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, optim: FinetuneOptimConfig | dict, total_steps: int) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "optim"])
+        self.optim = optim if isinstance(optim, FinetuneOptimConfig) else FinetuneOptimConfig(**optim)
+        self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain values
         self.model = model
 
     def configure_optimizers(self):
-        o = self.hparams.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": float(o.get("weight_decay", 0.0))}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, lr=float(o["lr"]), betas=tuple(o.get("betas", (0.9, 0.999))),
-                                eps=float(o.get("eps", 1e-8)))
-        total = int(self.hparams.total_steps)
-        warmup = int(round(float(o.get("warmup_ratio", 0.0)) * total))
-        min_ratio = float(o.get("min_lr_ratio", 0.0))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup, min_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        o = self.optim
+        return adamw(self.model, lr=self.lr_now(), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                     fused=o.fused)  # fused is safe: the module clips its own gradients (ClipsGradients)
+
+    def lr_now(self) -> float:
+        """The LR of the next optimizer step: step k (0-based) at progress k + 1 of ``total_steps``.
+
+        Warm-up over ``round(warmup_ratio x total_steps)`` steps, then cosine to
+        ``lr x min_lr_ratio``, which the last step uses (:func:`danube.schedule.lr_at`).
+        """
+        o, total = self.optim, int(self.hparams.total_steps)
+        return lr_at(self.global_step + 1, lr=o.lr, min_lr=o.lr * o.min_lr_ratio, warmup=round(o.warmup_ratio * total),
+                     total=total)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        # Once per optimizer step, after the last accumulated micro-batch: global_step counts
+        # the steps taken before this one.
+        lr = self.lr_now()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.log("train/lr", lr, on_step=True, on_epoch=False)
 
     # -- validation: sums over the whole held-out set, reduced over ranks, logged once per pass
     VAL_SUMS = 0  # how many sums a subclass's validation_step adds up

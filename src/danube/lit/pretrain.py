@@ -7,34 +7,37 @@ TensorBoard scalars use tokens seen as their x-axis (the report's Figure 1).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
+from danube.lit.clipping import ClipsGradients
 from danube.losses import chunked_cross_entropy
 from danube.model import Danube, DanubeConfig, build_model
-from danube.model.transformer import RMSNorm, linear_no_bias
-from danube.precision import convert_to_float8, fp8_autocast, fp8_backend, te_linear_factory
+from danube.model.transformer import linear_no_bias
+from danube.optim import adamw
+from danube.config import OptimConfig
+from danube.precision import PrecisionConfig, convert_to_float8, fp8_autocast, te_linear_factory
 from danube.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
 
-class PretrainModule(L.LightningModule):
+class PretrainModule(ClipsGradients):
     """Danube pretraining: AdamW, token-keyed cosine LR, chunked cross-entropy.
 
     Args:
         model: the architecture (a ``DanubeConfig``, or its fields; recorded in hparams as fields).
-        optim: lr, min_lr, warmup_tokens, betas, eps, weight_decay, grad_clip, fused.
+        optim: AdamW and the LR schedule (an ``OptimConfig``, or its fields; recorded as fields).
         total_tokens: tokens of the whole recipe (all stages): where the cosine ends.
         seq_len: this stage's sequence length (logged as ``train/seq_len``).
         stage: this stage's name (recorded in checkpoints, so ``resume=PATH`` knows its stage).
-        precision: the precision config (``fp8: true``: the block projections in FP8 through
-            ``backend`` ``te`` or ``torchao``, see :mod:`danube.precision`).
+        precision: a ``PrecisionConfig`` or its fields (``fp8: true``: the block projections in FP8
+            through ``backend`` ``te`` or ``torchao``, see :mod:`danube.precision`).
         peak_flops: per-device peak for ``perf/mfu`` (None: not logged).
         init_from: a checkpoint of the previous stage to start from (weights, optimizer, tokens),
             or a danube model directory (weights only: fresh optimizer, tokens 0).
@@ -43,12 +46,12 @@ class PretrainModule(L.LightningModule):
     def __init__(
         self,
         model: DanubeConfig | dict,
-        optim: dict,
+        optim: OptimConfig | dict,
         *,
         total_tokens: int,
         seq_len: int,
         stage: str | None = None,
-        precision: dict | None = None,
+        precision: PrecisionConfig | dict | None = None,
         log_every_n_steps: int = 10,
         loss_chunk_tokens: int = 4096,
         compile: bool = False,
@@ -59,12 +62,16 @@ class PretrainModule(L.LightningModule):
         tokenizer_checksum: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "optim", "precision"])
         self.config = model if isinstance(model, DanubeConfig) else DanubeConfig.from_dict(model)
-        self.hparams["model"] = self.config.to_dict()  # plain values: checkpoints load with weights_only
+        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
+        self.precision = precision if isinstance(precision, PrecisionConfig) else PrecisionConfig(**(precision or {}))
+        # Plain values in hparams: checkpoints load with weights_only.
+        self.hparams.update(model=self.config.to_dict(), optim=dataclasses.asdict(self.optim),
+                            precision=dataclasses.asdict(self.precision))
         self.model = None
         self.tokens_seen = 0
-        self.fp8_backend = fp8_backend(precision)
+        self.fp8_backend = self.precision.fp8_backend
         self.fp8 = self.fp8_backend == "te"  # Transformer Engine layers run under its fp8_autocast
         self._grad_norm: torch.Tensor | None = None  # before clipping, at the last optimizer step
         self._loss_sum: torch.Tensor | None = None
@@ -80,7 +87,7 @@ class PretrainModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        linear = te_linear_factory(self.hparams.precision) if self.fp8 else linear_no_bias
+        linear = te_linear_factory(self.precision) if self.fp8 else linear_no_bias
         # Outside a Trainer (benchmarks, notebooks) build where the module was moved to.
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         if self.fp8:
@@ -92,7 +99,7 @@ class PretrainModule(L.LightningModule):
         else:
             self.model = build_model(self.config, device=device, linear=linear)
         if self.fp8_backend == "torchao":
-            convert_to_float8(self.model, self.hparams.precision)  # before compile: it traces Float8Linear
+            convert_to_float8(self.model, self.precision)  # before compile: it traces Float8Linear
         if self.hparams.activation_checkpointing:
             self.model.set_gradient_checkpointing(True)
         if self.hparams.compile:
@@ -101,62 +108,22 @@ class PretrainModule(L.LightningModule):
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
-        with fp8_autocast(self.fp8, self.hparams.precision):
+        with fp8_autocast(self.fp8, self.precision):
             hidden = self.model.model(tokens[:, :-1])  # (B, T, C)
         return chunked_cross_entropy(hidden, self.model.lm_head.weight, tokens[:, 1:], self.hparams.loss_chunk_tokens)
 
     # -- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.hparams.optim
-        # Decay every matrix, never the norms. Chosen by module, not by p.ndim: under FSDP
-        # (use_orig_params) each parameter is a flat 1-D view of its shard by now.
-        norms = {id(p) for m in self.model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if id(p) not in norms]
-        no_decay = [p for p in params if id(p) in norms]
-        fused = o.get("fused", "auto")
-        if fused == "auto":
-            # torch has fused AdamW kernels for CPU and CUDA; on 2 CPU cores the fused step
-            # of a ~100M model is ~6x faster than the default per-tensor loop (bench/). danube
-            # clips gradients itself (configure_gradient_clipping), so fused is allowed in bf16.
-            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-            fused = device.type in ("cpu", "cuda")
-        return torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr_now(), betas=tuple(o["betas"]), eps=o["eps"], fused=bool(fused),
-        )
+        o = self.optim
+        # fused "auto" is safe here: danube clips the gradients itself (configure_gradient_clipping).
+        return adamw(self.model, lr=self.lr_now(), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                     fused=o.fused)
 
     def lr_now(self) -> float:
-        o = self.hparams.optim
-        return lr_at(self.tokens_seen, lr=o["lr"], min_lr=o["min_lr"], warmup_tokens=int(o["warmup_tokens"]),
-                     total_tokens=int(self.hparams.total_tokens))
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by global norm here rather than through Lightning's precision plugins.
-
-        Lightning's bf16-mixed plugin refuses to clip for an optimizer that can unscale fp16
-        gradients inside its step (the fused AdamW), though bf16 has no scaler, and its FSDP
-        plugin refuses norm clipping altogether; neither refusal applies to what is done here.
-        """
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: danube clips by norm only")
-        if gradient_clip_val:
-            self._grad_norm = self.clip_grad_norm_(float(gradient_clip_val))
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Scale the gradients so that their global norm is at most ``max_norm``; returns the norm before.
-
-        Under FSDP each rank holds a shard of every gradient: the root wrapper's own
-        ``clip_grad_norm_`` reduces the norm over all of them. Elsewhere torch's, which uses
-        the multi-tensor (foreach) kernels on CUDA. No host sync: the norm stays on the device.
-        """
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        root = self.trainer.strategy.model if self._trainer is not None else None
-        if isinstance(root, FullyShardedDataParallel):
-            return root.clip_grad_norm_(max_norm)
-        grads = [p for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        """The LR at the tokens seen so far (:func:`danube.schedule.lr_at`)."""
+        o = self.optim
+        return lr_at(self.tokens_seen, lr=o.lr, min_lr=o.min_lr, warmup=o.warmup_tokens,
+                     total=int(self.hparams.total_tokens))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # tokens_seen already counts this step's batch (see danube.schedule.lr_at).

@@ -9,6 +9,11 @@ from typing import Any
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 
+def _doc(default: Any, doc: str) -> Any:
+    """A field with a line of documentation (the README's table of settings shows it)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class DanubeConfig:
     """Decoder-only Llama 2 / Mistral architecture.
@@ -16,21 +21,21 @@ class DanubeConfig:
     The defaults are H2O-Danube-1.8B (report, section 3): 1,831,201,280 parameters.
     """
 
-    vocab_size: int = 32_000
-    n_embd: int = 2560
-    intermediate_size: int = 6912
-    n_layer: int = 24
-    n_head: int = 32
-    n_kv_head: int = 8  # GQA: 4 query heads share one K/V head
-    head_dim: int | None = None  # derived: n_embd // n_head
-    sliding_window: int | None = 4096  # keys per query, the query itself included
-    max_seq_len: int = 16_384
-    rope_theta: float = 10_000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    init_std: float = 0.02
+    vocab_size: int = _doc(32_000, "embedding rows: at least the tokenizer's pieces")
+    n_embd: int = _doc(2560, "hidden size")
+    intermediate_size: int = _doc(6912, "SwiGLU MLP width")
+    n_layer: int = _doc(24, "transformer blocks")
+    n_head: int = _doc(32, "query heads")
+    n_kv_head: int = _doc(8, "key/value heads (GQA: 4 query heads share one K/V head)")
+    head_dim: int | None = _doc(None, "derived: n_embd // n_head")
+    sliding_window: int | None = _doc(4096, "keys per query, the query itself included (Mistral); null: none")
+    max_seq_len: int = _doc(16_384, "longest context trained or generated (RoPE positions)")
+    rope_theta: float = _doc(10_000.0, "RoPE base")
+    rms_norm_eps: float = _doc(1e-5, "RMSNorm epsilon")
+    tie_word_embeddings: bool = _doc(False, "lm_head shares embed_tokens' weights (danube: untied)")
+    init_std: float = _doc(0.02, "std of the normal initialisation")
     # Not architecture: which attention kernel computes it (all compute the same function).
-    attn_backend: str = "auto"
+    attn_backend: str = _doc("auto", "auto | sdpa | flex | flash: the kernel, not the function")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_embd", "intermediate_size", "n_layer", "n_head", "n_kv_head", "max_seq_len"):

@@ -1,0 +1,213 @@
+"""The schema of ``train.py`` (conf/train.yaml and its groups): pretraining in sequence-length or data stages.
+
+Hydra checks every YAML and override against it at composition (an unknown key, a wrong
+type); :func:`danube.config.typed` then builds the dataclasses, whose ``__post_init__``
+checks ranges and the rules between fields, once, before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from omegaconf import MISSING
+
+from danube.config.common import NumericsConfig, PathsConfig, TrainerConfig
+from danube.settings import check_ranges, setting, shown
+from danube.model.config import DanubeConfig
+from danube.precision import PrecisionConfig
+from danube.schedule import StagePlan, check_mixture, check_weights, plan_stages
+
+DATA_KINDS = ("sample", "sample_sources", "shards")
+RESUME_CHOICES = ("auto", "never")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe: a sequence length, a token budget and, optionally, its own data mixture."""
+
+    name: str = setting(MISSING, "the stage's folder in the run directory; stage=NAME runs it alone")
+    seq_len: int = setting(MISSING, "tokens per sample", min=1)
+    tokens: int = setting(MISSING, "the stage's budget, rounded down to whole optimizer steps", min=1)
+    # Any, not dict[str, float] | None: OmegaConf cannot merge an override into a null typed dict.
+    weights: Any = setting(None, "the stage's mixture (source -> share); null: data.weights")
+
+
+@dataclass
+class RecipeConfig:
+    """``recipe`` (conf/recipe/*.yaml): the stages, run back to back; the LR schedule spans them all."""
+
+    stages: list[StageConfig] = setting(doc="the stages in order", factory=list)
+
+    def __post_init__(self) -> None:
+        for i, stage in enumerate(self.stages):
+            check_ranges(stage, f"recipe.stages[{i}]")
+            if stage.weights is not None:
+                check_weights(stage.weights, f"recipe.stages[{i}] ({stage.name})")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"recipe.stages: stage names must differ, got {names}")
+
+
+@dataclass
+class DataConfig:
+    """``data`` (conf/data/*.yaml): the embedded sample, the sample by source, or shards made by `danube prepare`."""
+
+    kind: str = setting("sample", "the embedded sample, split by source, or shards (yours, from `danube prepare`)",
+                        choices=DATA_KINDS)
+    sources: Any = setting(None, "shards: a directory, a list of them, or {name: directory}")
+    weights: Any = setting(None, "the mixture (source -> share); null: proportional to tokens")  # see StageConfig
+    tokenizer: str | None = setting(None, "shards: the SentencePiece model they were made with (checked by checksum)")
+    root: str | None = setting(None, "sample: where it is made on first use")
+    vocab_size: int | None = setting(None, "sample: pieces of the tokenizer trained on it", min=1)
+    num_workers: int = setting(1, "loader processes for one source and validation (a mixture reads in-process)",
+                               min=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "data")
+        if self.weights:
+            check_weights(self.weights, "data.weights")
+
+
+@dataclass
+class OptimConfig:
+    """``optim`` (conf/optim/adamw.yaml): AdamW and the token-keyed cosine schedule over the whole recipe."""
+
+    lr: float = setting(2e-4, "peak learning rate, reached at the end of warm-up", above=0)
+    min_lr: float = setting(1e-5, "where the cosine ends, at the recipe's last token", min=0)
+    warmup_tokens: int = setting(2_359_296_000, "linear warm-up from 0 over this many tokens", min=0)
+    betas: list[float] = setting(doc="AdamW's (beta1, beta2), each in [0, 1)", factory=lambda: [0.9, 0.95])
+    eps: float = setting(1e-8, "AdamW's epsilon", above=0)
+    weight_decay: float = setting(0.1, "on every matrix, never the norms", min=0)
+    grad_clip: float | None = setting(1.0, "clip the global gradient norm to this; null: no clipping", above=0)
+    fused: Any = setting("auto", "the fused AdamW kernel (auto: where the device has one)",
+                         choices=("auto", True, False))
+
+    SECTION: ClassVar[str] = "optim"
+
+    def __post_init__(self) -> None:
+        check_ranges(self, self.SECTION)
+        check_betas(self.betas, self.SECTION)
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={shown(self.min_lr)} is above optim.lr={shown(self.lr)}: the cosine "
+                             "decays from lr to min_lr")
+
+
+def check_betas(betas: list[float], section: str) -> None:
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"{section}.betas={list(betas)} must be two numbers in [0, 1)")
+
+
+@dataclass
+class LoopConfig(NumericsConfig):
+    """``train``: batch geometry, intervals and memory settings of pretraining."""
+
+    global_batch_tokens: int = setting(1_179_648, "tokens per optimizer step, all devices together (report: "
+                                                  "~1.18M)", min=1)
+    micro_batch_tokens: int = setting(16_384, "tokens per device per forward; micro-batch = this / seq_len", min=1)
+    log_every_n_steps: int = setting(5, "train/* scalars every this many optimizer steps", min=1)
+    val_every_n_steps: int = setting(50, "val/loss every this many steps (and at each stage's end)", min=1)
+    val_batches: int = setting(20, "batches per validation; 0: no validation", min=0)
+    checkpoint_every_n_steps: int = setting(50, "also at each stage's last step and on SIGTERM/SIGINT; 0: only "
+                                                "those", min=0)
+    keep_checkpoints: int = setting(1, "step checkpoints kept per stage (the newest; last.ckpt links to it)", min=1)
+    max_steps: int | None = setting(None, "stop each stage after this many steps (a smoke test; not complete)", min=1)
+    compile: bool = setting(False, "torch.compile each block")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in backward")
+    loss_chunk_tokens: int = setting(4096, "cross-entropy over the vocabulary in chunks of this many tokens", min=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # deterministic and threads, in their own words
+        check_ranges(self, "train")
+
+
+@dataclass
+class PerfConfig:
+    """``perf``: what throughput is measured against."""
+
+    peak_flops: float | None = setting(None, "per-device peak FLOP/s for perf/mfu; null: a table of GPUs, a "
+                                             "measured matmul on CPU", above=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "perf")
+
+
+@dataclass
+class PretrainConfig:
+    """What ``python train.py`` runs: conf/train.yaml with its groups and overrides, checked."""
+
+    model: DanubeConfig = setting(doc="the architecture (conf/model/*.yaml)", factory=DanubeConfig)
+    data: DataConfig = setting(doc="the corpus (conf/data/*.yaml)", factory=DataConfig)
+    optim: OptimConfig = setting(doc="AdamW and the LR schedule (conf/optim/*.yaml)", factory=OptimConfig)
+    recipe: RecipeConfig = setting(doc="the stages (conf/recipe/*.yaml)", factory=RecipeConfig)
+    trainer: TrainerConfig = setting(doc="the devices (conf/trainer/*.yaml)", factory=TrainerConfig)
+    precision: PrecisionConfig = setting(doc="fp32, bf16 or fp8 (conf/precision/*.yaml)", factory=PrecisionConfig)
+    paths: PathsConfig = setting(doc="where data and runs live", factory=PathsConfig)
+    train: LoopConfig = setting(doc="batch geometry, intervals, numerics", factory=LoopConfig)
+    perf: PerfConfig = setting(doc="throughput accounting", factory=PerfConfig)
+    name: str | None = setting(None, "names the run directory; default: the model preset's name")
+    run_dir: str | None = setting(None, "default: ${paths.runs_dir}/${name}; in a multirun, each job's own folder")
+    stage: str = setting("all", "a stage of the recipe, or all: every stage back to back")
+    resume: str = setting("auto", "auto: from the run's last checkpoint if any | never | PATH of a .ckpt")
+    model_dir: str | None = setting(None, "a danube model directory the first stage starts from (fresh optimizer, "
+                                          "tokens 0)")
+    init_from: str | None = setting(None, "the old name of model_dir (deprecated: it goes in the next release)")
+    seed: int = setting(42, "seeds the weights, the data order and dropout")
+    verbose: bool = setting(False, "the libraries' INFO lines too (Lightning, litdata, ...)")
+    plan: bool = setting(False, "print the whole schedule (stages, steps, LR, hours) and exit")
+    plan_tokens_per_sec: float = setting(292_700, "throughput for the plan's hours (report: 8xH100)", above=0)
+
+    RENAMED: ClassVar[dict[str, str]] = {"init_from": "model_dir"}  # old -> new: the old name warns until removed
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "")
+
+    def validate(self) -> list[StagePlan]:
+        """The rules between sections (the stages against the batch, the devices, the model and the data); the plans.
+
+        Called at the door after the hardware check, so that a run asking for 8 GPUs on a
+        laptop hears that first, not that its batch does not divide over 8.
+        """
+        plans = self.plans()
+        if self.stage != "all" and self.stage not in [p.name for p in plans]:
+            raise ValueError(f"stage={self.stage!r} is not in this recipe; allowed: all, "
+                             f"{', '.join(p.name for p in plans)}")
+        for p in plans:
+            if p.seq_len > self.model.max_seq_len:
+                raise ValueError(f"stage {p.name}: seq_len={p.seq_len} exceeds model.max_seq_len="
+                                 f"{self.model.max_seq_len}")
+        names = self.source_names()
+        mixtures = [("data.weights", self.data.weights)] + [(f"recipe stage {p.name!r} weights", p.weights)
+                                                            for p in plans]
+        for where, weights in mixtures:
+            if weights:
+                check_mixture(dict(weights), names, where, f"the data sources (data.kind={self.data.kind})")
+        return plans
+
+    def plans(self) -> list[StagePlan]:
+        """Each stage resolved against the batch settings and the devices (raises on what cannot divide)."""
+        return plan_stages([{"name": s.name, "seq_len": s.seq_len, "tokens": s.tokens, "weights": s.weights}
+                            for s in self.recipe.stages],
+                           global_batch_tokens=self.train.global_batch_tokens,
+                           micro_batch_tokens=self.train.micro_batch_tokens, world_size=self.trainer.world_size)
+
+    def selected(self) -> list[StagePlan]:
+        """The stages this invocation runs (``stage``: one, or all)."""
+        return [p for p in self.plans() if self.stage in ("all", p.name)]
+
+    def source_names(self) -> list[str] | None:
+        """The data sources' names, read from the config alone (None while they are not given)."""
+        if self.data.kind == "sample":
+            return ["sample"]
+        if self.data.kind == "sample_sources":
+            from danube.data.sample import SOURCES
+
+            return list(SOURCES)
+        sources = self.data.sources
+        if sources is None or sources == MISSING:
+            return None
+        if isinstance(sources, dict):
+            return [str(k) for k in sources]  # names only: paths may still be ??? in a plan
+        from danube.data.pretrain import named_sources
+
+        return list(named_sources(sources))
