@@ -34,6 +34,7 @@ def test_train_py_help_uses_the_scripts_own_list():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "== Configuration groups of train.py ==" in out.stdout and "chat_data" not in out.stdout
+    assert "danube settings train" in out.stdout  # where every setting is documented
 
 
 def test_a_finetune_experiment_given_to_train_py_says_which_script_runs_it():
