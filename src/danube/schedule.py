@@ -61,9 +61,7 @@ STAGE_KEYS = {"name", "seq_len", "tokens", "weights"}
 
 def check_weights(weights: dict, where: str) -> None:
     """A data mixture: source name -> number >= 0 (not NaN), with a positive sum."""
-    if not isinstance(weights, dict):
-        raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, got {weights}")
-    values = list(weights.values())
+    values = list(weights.values()) if isinstance(weights, dict) else []
     if not values or any(not isinstance(w, numbers.Real) or not w >= 0 for w in values) or sum(values) <= 0:
         raise ValueError(f"{where}: weights must map source names to numbers >= 0 with a positive sum, got {weights}")
 

@@ -85,12 +85,11 @@ def range_text(meta: Any) -> str:
 
 def rows(schema: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str, str]]:
     """``(key, type, default, allowed, doc)`` of every setting of ``schema``, its sections expanded."""
-
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
         kind = hints[f.name]
-        section = _section(kind)
+        section = section_of(kind)
         if section is not None and f.default_factory is section:  # a section always there: its settings
             yield from rows(section, key + ".")
             continue
@@ -102,11 +101,12 @@ def rows(schema: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str, s
             default = "???"
         yield key, type_text(kind), default, range_text(f.metadata), f.metadata.get("doc", "")
         if section is not None:  # an optional section, a list of them or a mapping of named ones
-            origin = typing.get_origin(_strip_none(kind))
+            origin = typing.get_origin(strip_none(kind))
             yield from rows(section, key + ("[]." if origin is list else ".NAME." if origin is dict else "."))
 
 
-def _strip_none(kind: Any) -> Any:
+def strip_none(kind: Any) -> Any:
+    """``X`` for ``X | None`` (and ``Optional[X]``); any other type as it is."""
     import types
 
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
@@ -115,9 +115,9 @@ def _strip_none(kind: Any) -> Any:
     return kind
 
 
-def _section(kind: Any) -> type | None:
+def section_of(kind: Any) -> type | None:
     """The dataclass a field holds: itself, optional, in a list or as a mapping's values (else None)."""
-    kind = _strip_none(kind)
+    kind = strip_none(kind)
     origin = typing.get_origin(kind)
     if origin is list:
         kind = typing.get_args(kind)[0]

@@ -16,16 +16,17 @@ from hydra.core.config_store import ConfigStore
 from danube.config.common import NumericsConfig, PathsConfig, TrainerConfig
 from danube.config.door import ConfigError, one_line, typed, with_defaults
 from danube.config.evaluate import EvaluateConfig, JudgeConfig, SuiteConfig, SuiteTaskConfig
-from danube.settings import setting
 from danube.config.finetune import (ChatDataConfig, ChatSourceConfig, FinetuneConfig, FinetuneLoopConfig,
                                     FinetuneOptimConfig, LoraConfig, LossConfig)
 from danube.config.train import (DataConfig, LoopConfig, OptimConfig, PerfConfig, PretrainConfig, RecipeConfig,
                                  StageConfig)
 from danube.model.config import DanubeConfig
 from danube.precision import PrecisionConfig
+from danube.settings import setting
 
 # script -> its schema, registered under the name its primary YAML puts first in its defaults.
 SCHEMAS = {"train": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+
 
 def model_preset(path) -> DanubeConfig:
     """A conf/model/*.yaml preset (or any YAML of DanubeConfig fields) as a :class:`DanubeConfig`.

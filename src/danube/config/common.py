@@ -58,12 +58,11 @@ class NumericsConfig:
 
     deterministic: Any = setting("auto", "same config + machine + seed -> same bits; auto: on for CPU runs",
                                  choices=determinism.CHOICES)
-    threads: int | None = setting(None, "intra-op threads (torch.set_num_threads); null: torch's choice, recorded")
+    threads: int | None = setting(None, "intra-op threads (torch.set_num_threads); null: torch's choice, recorded",
+                                  min=1)
 
     def __post_init__(self) -> None:
-        determinism.wanted(self.deterministic, "cpu")  # auto, true or false, in its own words
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"train.threads={self.threads!r} must be >= 1 (an integer; null: torch's choice)")
+        check_ranges(self, "train")  # a subclass's own fields too: it is the whole `train` section
 
     def pin(self, trainer: TrainerConfig) -> dict[str, object]:
         """Apply the settings before any compute (MKL reads its mode at its first call); returns what history records."""

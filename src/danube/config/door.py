@@ -13,12 +13,13 @@ import dataclasses
 import difflib
 import logging
 import re
-import types
 import typing
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
+
+from danube.settings import rows, section_of, strip_none
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +31,10 @@ class ConfigError(ValueError):
 
 
 # -- the schema's shape ----------------------------------------------------------------------
-def _hints(schema: type) -> dict[str, Any]:
-    return typing.get_type_hints(schema)
-
-
-def _strip_optional(kind: Any) -> Any:
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        return args[0] if len(args) == 1 else kind
-    return kind
-
-
-def _field_kind(schema: type, name: str) -> Any:
-    return _strip_optional(_hints(schema)[name])
+def _kinds(schema: type) -> dict[str, Any]:
+    """Each field's type, ``| None`` taken off (``Optional`` sections are sections too); class constants left out."""
+    hints = typing.get_type_hints(schema)
+    return {name: strip_none(hints[name]) for name in field_names(schema)}
 
 
 def field_names(schema: type) -> list[str]:
@@ -52,8 +44,7 @@ def field_names(schema: type) -> list[str]:
 def all_keys(schema: type, prefix: str = "") -> list[str]:
     """Every dotted key of ``schema``, its sections expanded (``optim.lr``, ``train.max_steps``, ...)."""
     out = []
-    for name in field_names(schema):
-        kind = _field_kind(schema, name)
+    for name, kind in _kinds(schema).items():
         if dataclasses.is_dataclass(kind):
             out += all_keys(kind, f"{prefix}{name}.")
         else:
@@ -87,36 +78,30 @@ def unknown_keys(node: Any, schema: type, path: str = "", root: type | None = No
     root = root or schema
     if not _present(node):
         return
-    names = field_names(schema)
     extra = _extra(node, schema)
     if extra:
         raise ConfigError(unknown_message(path, extra, schema, root))
-    for name in names:
-        kind = _field_kind(schema, name)
-        child = node._get_node(name)
-        if child is None:
+    for name, kind in _kinds(schema).items():
+        child, item = node._get_node(name), section_of(kind)
+        if child is None or item is None:
             continue
         key = f"{path}.{name}" if path else name
         if dataclasses.is_dataclass(kind):
             unknown_keys(child, kind, key, root)
         elif typing.get_origin(kind) is list and isinstance(child, ListConfig) and not child._is_none():
-            item = _strip_optional(typing.get_args(kind)[0])
-            if dataclasses.is_dataclass(item):
-                for i in range(len(child)):
-                    element = child._get_node(i)
-                    extra = _extra(element, item)
-                    if extra:
-                        label = element.get("name") if "name" in element else None
-                        raise ConfigError(f"{key}[{i}]{f' ({label})' if label else ''}: unknown keys {sorted(extra)}; "
-                                          f"allowed: {', '.join(field_names(item))}")
+            for i in range(len(child)):
+                element = child._get_node(i)
+                extra = _extra(element, item)
+                if extra:
+                    label = element.get("name") if "name" in element else None
+                    raise ConfigError(f"{key}[{i}]{f' ({label})' if label else ''}: unknown keys {sorted(extra)}; "
+                                      f"allowed: {', '.join(field_names(item))}")
         elif typing.get_origin(kind) is dict and _present(child):
-            item = _strip_optional(typing.get_args(kind)[1])
-            if dataclasses.is_dataclass(item):
-                for entry in child.keys():
-                    extra = _extra(child._get_node(entry), item)
-                    if extra:
-                        raise ConfigError(f"{key}.{entry}: unknown key(s) {', '.join(extra)}; allowed: "
-                                          f"{', '.join(field_names(item))}")
+            for entry in child.keys():
+                extra = _extra(child._get_node(entry), item)
+                if extra:
+                    raise ConfigError(f"{key}.{entry}: unknown key(s) {', '.join(extra)}; allowed: "
+                                      f"{', '.join(field_names(item))}")
 
 
 def unknown_message(section: str, extra: list[str], schema: type, root: type | None) -> str:
@@ -133,10 +118,6 @@ def _present(node: Any) -> bool:
 
 def _extra(node: Any, schema: type) -> list[str]:
     return [str(k) for k in node.keys() if k not in field_names(schema)] if _present(node) else []
-
-
-def _missing(cfg: DictConfig) -> list[str]:
-    return sorted(OmegaConf.missing_keys(cfg))
 
 
 def renamed(cfg: DictConfig, renames: dict[str, str], script: str) -> DictConfig:
@@ -164,10 +145,8 @@ def typed(cfg: DictConfig, schema: type[T], script: str, required: dict[str, str
     """
     cfg = renamed(cfg, getattr(schema, "RENAMED", {}), script)
     unknown_keys(cfg, schema)
-    missing = _missing(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        from danube.settings import rows
-
         first = missing[0]
         doc = {key: doc for key, _, _, _, doc in rows(schema)}.get(first)
         also = f"; also missing: {', '.join(missing[1:])}" if len(missing) > 1 else ""
@@ -175,8 +154,6 @@ def typed(cfg: DictConfig, schema: type[T], script: str, required: dict[str, str
                           f"{first}=??? must be given: pass {first}=VALUE{f' ({doc})' if doc else ''}{also}")
     try:
         return OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as err:  # pragma: no cover - caught above
-        raise ConfigError(one_line(err)) from err
     except OmegaConfBaseException as err:  # an interpolation that does not resolve, a bad value
         raise ConfigError(one_line(err)) from err
 
@@ -189,8 +166,8 @@ def with_defaults(values: dict, schema: type) -> dict:
     directory recorded before a setting existed compares equal to the same run now.
     """
     out = dict(values)
+    kinds = _kinds(schema)
     for f in dataclasses.fields(schema):
-        kind = _field_kind(schema, f.name)
         if f.name not in out:
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
@@ -198,17 +175,15 @@ def with_defaults(values: dict, schema: type) -> dict:
                 value = f.default_factory()
                 out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
             continue
-        value = out[f.name]
+        value, kind, item = out[f.name], kinds[f.name], section_of(kinds[f.name])
+        if item is None:
+            continue
         if dataclasses.is_dataclass(kind) and isinstance(value, dict):
             out[f.name] = with_defaults(value, kind)
         elif typing.get_origin(kind) is list and isinstance(value, list):
-            item = _strip_optional(typing.get_args(kind)[0])
-            if dataclasses.is_dataclass(item):
-                out[f.name] = [with_defaults(v, item) if isinstance(v, dict) else v for v in value]
+            out[f.name] = [with_defaults(v, item) if isinstance(v, dict) else v for v in value]
         elif typing.get_origin(kind) is dict and isinstance(value, dict):
-            item = _strip_optional(typing.get_args(kind)[1])
-            if dataclasses.is_dataclass(item):
-                out[f.name] = {k: with_defaults(v, item) if isinstance(v, dict) else v for k, v in value.items()}
+            out[f.name] = {k: with_defaults(v, item) if isinstance(v, dict) else v for k, v in value.items()}
     return out
 
 
@@ -226,7 +201,7 @@ def one_line(err: BaseException, root: type | None = None) -> str:
         path = str(getattr(err, "missing_cfg_file", "") or "")
         group, _, option = path.rpartition("/")
         options = list(getattr(err, "options", None) or [])
-        if group and options is not None:
+        if group:
             guess = closest(option, options)
             hint = f" (did you mean {group}={guess}?)" if guess else ""
             return (f"{group}={option}: no such option{hint}; {group} has {', '.join(options) or 'no options'} "

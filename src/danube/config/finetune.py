@@ -107,8 +107,7 @@ class FinetuneLoopConfig(NumericsConfig):
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"train.val_fraction={self.val_fraction}: must be in [0, 1) (0: no held-out set)")
-        super().__post_init__()  # deterministic and threads, in their own words
-        check_ranges(self, "train")
+        super().__post_init__()
 
 
 @dataclass

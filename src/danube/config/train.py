@@ -7,6 +7,7 @@ checks ranges and the rules between fields, once, before any work.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -83,11 +84,9 @@ class OptimConfig:
     fused: Any = setting("auto", "the fused AdamW kernel (auto: where the device has one)",
                          choices=("auto", True, False))
 
-    SECTION: ClassVar[str] = "optim"
-
     def __post_init__(self) -> None:
-        check_ranges(self, self.SECTION)
-        check_betas(self.betas, self.SECTION)
+        check_ranges(self, "optim")
+        check_betas(self.betas, "optim")
         if self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr={shown(self.min_lr)} is above optim.lr={shown(self.lr)}: the cosine "
                              "decays from lr to min_lr")
@@ -115,10 +114,6 @@ class LoopConfig(NumericsConfig):
     compile: bool = setting(False, "torch.compile each block")
     activation_checkpointing: bool = setting(False, "recompute each block's activations in backward")
     loss_chunk_tokens: int = setting(4096, "cross-entropy over the vocabulary in chunks of this many tokens", min=1)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()  # deterministic and threads, in their own words
-        check_ranges(self, "train")
 
 
 @dataclass
@@ -186,8 +181,7 @@ class PretrainConfig:
 
     def plans(self) -> list[StagePlan]:
         """Each stage resolved against the batch settings and the devices (raises on what cannot divide)."""
-        return plan_stages([{"name": s.name, "seq_len": s.seq_len, "tokens": s.tokens, "weights": s.weights}
-                            for s in self.recipe.stages],
+        return plan_stages([dataclasses.asdict(s) for s in self.recipe.stages],
                            global_batch_tokens=self.train.global_batch_tokens,
                            micro_batch_tokens=self.train.micro_batch_tokens, world_size=self.trainer.world_size)
 
