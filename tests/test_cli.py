@@ -86,3 +86,12 @@ def test_console_script_usage_errors_exit_2_in_one_line():
         done = subprocess.run([sys.executable, "-m", "danube.cli", *argv], capture_output=True, text=True)
         assert done.returncode == 2 and done.stdout == "", argv
         assert done.stderr.count("\n") == 1 and wanted in done.stderr, done.stderr
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error():
+    """`danube settings | head`: a pipe its reader closed ends the command quietly, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "danube.cli", "settings"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err

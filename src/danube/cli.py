@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(verbose=bool(os.environ.get("DANUBE_VERBOSE")), stream=sys.stderr)  # after the imports: see logs.setup
     try:
         return int(run(rest) or 0)
+    except BrokenPipeError:  # `danube settings | head`: the reader has what it wanted, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
     except USER_ERRORS as err:
         if os.environ.get("DANUBE_TRACEBACK"):
             raise
