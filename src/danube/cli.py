@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat-sample": ("danube.data.chat_sample:chat_sample_main",
                     "write small SFT, preference and Oasst2 files (made here, no download) and an eval task"),
     "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
+    "data-report": ("danube.data.data_report:data_report_main",
+                    "what a pretraining run read of each source: tokens read once, twice, never, per stage"),
     "quality": ("danube.data.quality.cli:quality_main", "filter jsonl documents: heuristic rules, GBM and transformer classifiers"),
     "sweep-report": ("danube.sweep:sweep_report_main", "tabulate a train.py multirun by validation loss (Markdown, CSV, TensorBoard hparams)"),
     "settings": ("danube.config.reference:settings_main", "every setting of train.py, finetune.py and evaluate.py: "

@@ -36,6 +36,8 @@ WARNINGS = (
     r"The `srun` command is available on your system but is not used",
     r".*does not have many workers which may be a bottleneck",
     r"Found keys that are in the model state dict but not in the checkpoint",
+    # pretraining: the loader's position is the datamodule's state (danube.data.pretrain), which Lightning restores
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
     # peft: danube sets base_model_name_or_path itself right after (danube.lora.add_lora); the JSON is right
     r"The PEFT config's `base_model_name_or_path` was renamed",
     # peft looks for a Hugging Face config.json beside the base (a danube directory has config.yaml); danube's

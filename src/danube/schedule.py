@@ -110,6 +110,7 @@ def plan_stages(
             raise ValueError(
                 f"{where}: train.global_batch_tokens={global_batch_tokens} is not divisible by "
                 f"devices x micro-batch x seq_len = {world_size} x {micro} x {seq_len} = {per_pass}"
+                + nearest_geometry(global_batch_tokens, seq_len, micro, world_size)
             )
         steps = tokens // global_batch_tokens
         if steps < 1:
@@ -118,6 +119,25 @@ def plan_stages(
                                global_batch_tokens // per_pass, steps, weights))
         start += steps * global_batch_tokens
     return plans
+
+
+def nearest_geometry(global_batch_tokens: int, seq_len: int, micro: int, world_size: int) -> str:
+    """What keeps the global batch: the nearest device counts for this micro-batch, the micro-batches for these devices."""
+    if global_batch_tokens % seq_len:
+        return f"; the global batch is not a whole number of {seq_len}-token sequences"
+    samples = global_batch_tokens // seq_len
+    devices = [d for d in range(1, samples // micro + 1) if samples % (d * micro) == 0]
+    below = [d for d in devices if d < world_size][-1:]
+    above = [d for d in devices if d > world_size][:1]
+    hints = []
+    if below or above:
+        hints.append(f"trainer.devices={' or '.join(str(d) for d in below + above)} (with this micro-batch)")
+    if samples % world_size == 0:
+        fits = [m for m in range(min(micro, samples // world_size), 0, -1) if (samples // world_size) % m == 0]
+        hints.append(f"train.micro_batch_tokens={fits[0] * seq_len} on {world_size} devices")
+    if not hints:
+        return ""
+    return f"; to keep the global batch of {samples} sequences: {', or '.join(hints)}"
 
 
 def format_plan(

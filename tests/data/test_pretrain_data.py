@@ -1,6 +1,4 @@
 import itertools
-import json
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -39,25 +37,50 @@ def test_batches_are_blocks_of_their_labelled_source(two_sources):
             assert _found_in(block, streams[name]), f"block labelled {name} is not from {name}"
 
 
-def _all_blocks(split_dir, block):
-    """Every block litdata can read from a split, as a multiset (blocks never span chunks)."""
-    stream = read_stream(split_dir)
-    chunks = json.loads((split_dir / "index.json").read_text())["chunks"]
-    blocks, start = Counter(), 0
-    for c in chunks:
-        dim = int(c["dim"])
-        for j in range(dim // block):
-            blocks[tuple(stream[start + j * block : start + (j + 1) * block].tolist())] += 1
-        start += dim
-    return blocks
+def test_batches_hold_the_tokens_of_the_walk_s_ranges(two_sources):
+    """The loader reads exactly the ranges the walk hands out (checked against litdata's own reader)."""
+    from danube.data.order import Walk
+
+    dm = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=4, num_workers=0, steps=30, seed=9)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 30
+    walk = Walk(dm.layouts(), seed=9)
+    walk.set_weights(dm.weights)
+    streams = {n: read_stream(d / "train") for n, d in two_sources.items()}
+    for batch in batches:
+        for sample, row, src in zip(walk.batch(4, SEQ + 1), batch["tokens"], batch["source"]):
+            assert int(src) == sample.source
+            want = np.concatenate([streams[dm.source_names[sample.source]][a: a + n] for a, n in sample.ranges])
+            np.testing.assert_array_equal(row.numpy(), want)
 
 
-def test_single_epoch_reads_every_block_once(two_sources):
-    dm = PretrainDataModule(str(two_sources["a"]), seq_len=SEQ, micro_batch_size=1, num_workers=0)
-    seen = Counter(tuple(b["tokens"][0].tolist()) for b in dm.train_dataloader())
-    assert seen == _all_blocks(two_sources["a"] / "train", SEQ + 1)
-    assert dm.source_names == ["a"]
+class _Trainer:
+    """What the datamodule asks of a trainer: its rank, world size and step."""
 
+    def __init__(self, rank: int, world: int, step: int = 0) -> None:
+        self.global_rank, self.world_size, self.global_step = rank, world, step
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_any_number_of_ranks_trains_the_same_samples_at_each_step(two_sources, num_workers):
+    """Micro-batch m of a step goes to rank m % world: the steps are the same on 1, 2 or 4 ranks."""
+    steps, global_batch = 6, 8
+
+    def per_step(world, micro):
+        out = [[] for _ in range(steps)]
+        for rank in range(world):
+            dm = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=micro, global_batch_size=global_batch,
+                                    steps=steps, num_workers=num_workers, seed=4, world_size=world)
+            dm.trainer = _Trainer(rank, world)
+            batches = list(dm.train_dataloader())
+            accumulate = global_batch // (micro * world)
+            assert len(batches) == steps * accumulate
+            for i, b in enumerate(batches):
+                out[i // accumulate] += [tuple(r.tolist()) for r in b["tokens"]]
+        return [sorted(rows) for rows in out]
+
+    one = per_step(1, 2)
+    assert per_step(2, 2) == one and per_step(4, 1) == one and per_step(1, 8) == one
 
 def test_mixture_weights_are_honoured(two_sources):
     dm = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=4, num_workers=0, weights={"a": 3, "b": 1})
@@ -92,20 +115,33 @@ def _take(loader, n):
 @pytest.mark.parametrize("mixture", [True, False])
 def test_resume_continues_at_the_exact_next_batch(two_sources, num_workers, mixture):
     sources = two_sources if mixture else {"a": two_sources["a"]}
-    kwargs = dict(seq_len=SEQ, micro_batch_size=3, num_workers=num_workers, seed=7)
+    kwargs = dict(seq_len=SEQ, micro_batch_size=3, num_workers=num_workers, seed=7, steps=12)
     full = _take(PretrainDataModule(sources, **kwargs).train_dataloader(), 12)
 
     first = PretrainDataModule(sources, **kwargs)
     loader = first.train_dataloader()
     head = _take(loader, 5)
-    state = first.state_dict()
+    state = first.state_at(5)
     del loader
 
     second = PretrainDataModule(sources, **kwargs)
     second.load_state_dict(state)
     tail = _take(second.train_dataloader(), 7)
+    assert len(tail) == 7
     for got, want in zip(head + tail, full):
         assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["source"], want["source"])
+
+
+def test_a_checkpoint_of_the_old_order_is_refused_unless_asked_for(two_sources):
+    from danube.data.pretrain import OldOrder
+
+    old = {"train_loader": {"epoch": 1, "samples": 12, "loaders": []}}
+    with pytest.raises(OldOrder, match="data.resume_old_order=true"):
+        PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=2).load_state_dict(old)
+    dm = PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=2, steps=4, num_workers=0,
+                            resume_old_order=True)
+    dm.load_state_dict(old)
+    assert len(list(dm.train_dataloader())) == 4  # the new walk from every source's start
 
 
 def test_val_loader_is_fixed_and_bounded(two_sources):
@@ -129,7 +165,7 @@ def test_setup_errors_name_the_directory(two_sources, tmp_path, sp_model):
     (tmp_path / "plain").mkdir()
     with pytest.raises(FileNotFoundError, match=r"plain is not a prepared dataset"):
         PretrainDataModule(str(tmp_path / "plain"), seq_len=SEQ, micro_batch_size=1).setup("fit")
-    with pytest.raises(ValueError, match=rf"'a' \({two_sources['a']}\): fewer than 100001 training tokens"):
+    with pytest.raises(ValueError, match=rf"'a' \({two_sources['a']}\): \d+ training tokens, fewer than one 100001-token sample"):
         PretrainDataModule(two_sources, seq_len=100_000, micro_batch_size=1).setup("fit")
     with pytest.raises(ValueError, match="missing: \\['b'\\]"):
         PretrainDataModule(two_sources, seq_len=SEQ, micro_batch_size=1, weights={"a": 1.0})
@@ -156,27 +192,28 @@ def _ddp_worker(rank, directory, out_dir):
 
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=2)
     try:
-        dm = PretrainDataModule(directory, seq_len=SEQ, micro_batch_size=2, num_workers=0, seed=3)
+        dm = PretrainDataModule(directory, seq_len=SEQ, micro_batch_size=2, global_batch_size=8, steps=5,
+                                num_workers=0, seed=3)
         dm.setup("fit")
-        blocks = torch.cat([b["tokens"] for b in dm.train_dataloader()])
+        blocks = torch.stack([b["tokens"] for b in dm.train_dataloader()])
         torch.save(blocks, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_ranks_see_disjoint_equal_shares(two_sources, tmp_path):
-    """Two real gloo ranks: litdata must split the blocks between them (no duplicate work)."""
+def test_two_gloo_ranks_share_each_step_of_the_one_process_order(two_sources, tmp_path):
+    """Two real gloo ranks (rank and world from torch.distributed): together, each step is the 1-process step."""
     import torch.multiprocessing as mp
 
     mp.start_processes(_ddp_worker, args=(str(two_sources["a"]), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert len(r0) == len(r1) > 0  # drop_last under DDP: the same number of batches on each rank
-    seen = Counter(tuple(b.tolist()) for b in torch.cat([r0, r1]))
-    everything = _all_blocks(two_sources["a"] / "train", SEQ + 1)
-    assert not seen - everything  # no block read twice (by both ranks) or invented
-    # litdata gives each rank an equal share: at most a few blocks per rank are dropped
-    assert sum(everything.values()) - sum(seen.values()) <= 2 * 2 * 2
+    assert r0.shape == r1.shape == (5 * 2, 2, SEQ + 1)  # 5 steps of 2 micro-batches of 2 on each rank
+    alone = PretrainDataModule(str(two_sources["a"]), seq_len=SEQ, micro_batch_size=8, global_batch_size=8, steps=5,
+                               num_workers=0, seed=3)
+    for step, want in enumerate(alone.train_dataloader()):
+        got = torch.cat([r0[2 * step], r1[2 * step], r0[2 * step + 1], r1[2 * step + 1]])
+        assert torch.equal(got, want["tokens"])
 
 
 class _Recorder:
@@ -220,7 +257,7 @@ def _fit(dm, tmp_path, ckpt_path=None):
 @pytest.mark.parametrize("mixture", [True, False])
 def test_lightning_resume_from_checkpoint_continues_at_the_next_batch(two_sources, tmp_path, num_workers, mixture):
     sources = two_sources if mixture else {"a": two_sources["a"]}
-    kwargs = dict(seq_len=SEQ, micro_batch_size=3, num_workers=num_workers, seed=11)
+    kwargs = dict(seq_len=SEQ, micro_batch_size=3, num_workers=num_workers, seed=11, steps=8)
     full = _fit(PretrainDataModule(sources, **kwargs), tmp_path / "full")
     assert len(full) == 8
     ckpt = tmp_path / "full" / "epoch=0-step=4.ckpt"
@@ -247,3 +284,11 @@ def test_shards_of_the_mistral_tokenizer_are_refused_for_a_llama2_style_model(tm
                            tokenizer_checksum=llama2.checksum).setup("fit")
     PretrainDataModule(str(tmp_path / "mistral"), seq_len=SEQ, micro_batch_size=1,
                        tokenizer_checksum=mistral.checksum).setup("fit")
+
+
+def test_a_stage_that_reads_a_source_more_than_once_over_says_so(two_sources, caplog):
+    dm = PretrainDataModule({"b": two_sources["b"]}, seq_len=SEQ, micro_batch_size=64, steps=400, num_workers=0)
+    with caplog.at_level("WARNING", logger="danube.data.pretrain"):
+        batches = list(dm.train_dataloader())
+    assert len(batches) == 400
+    assert "data source 'b' holds" in caplog.text and "epochs, every token read again each epoch" in caplog.text

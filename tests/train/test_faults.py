@@ -51,6 +51,13 @@ def _assert_same_run(a: Path, b: Path) -> None:
     sa, sb = read_scalars(a), read_scalars(b)
     for tag in ("train/loss", "val/loss", "train/lr"):
         assert sa[tag] == sb[tag], tag  # same steps, same values: no duplicates, nothing lost
+    for stage in ("seq64", "seq128"):  # what every step read, and the position at the end: the same
+        for record in ("steps.jsonl", "positions.jsonl"):
+            rows_a = (a / stage / "data" / record).read_text().splitlines()
+            rows_b = (b / stage / "data" / record).read_text().splitlines()
+            if record == "positions.jsonl":  # checkpoints at other steps in a resumed run: compare the last
+                rows_a, rows_b = rows_a[-1:], rows_b[-1:]
+            assert rows_a == rows_b, (stage, record)
 
 
 def _wait_for(predicate, proc, what: str, timeout: float = 300) -> None:
@@ -329,13 +336,13 @@ def test_too_little_data_fails_before_training(tmp_path, data_root):
     from danube.data.prepare import prepare
 
     docs = tmp_path / "tiny.jsonl"
-    docs.write_text("".join(json.dumps({"text": f"word {i} " * 20}) + "\n" for i in range(3)))
+    docs.write_text("".join(json.dumps({"text": f"word {i} " * 5}) + "\n" for i in range(3)))
     shards = tmp_path / "shards"
     prepare([docs], shards, data_root / "sample" / "tokenizer.model", val_fraction=0.0, num_workers=1)
     cfg = compose_train([*SMALL, "data=pretrain", f"data.sources={shards}",
                          f"data.tokenizer={data_root / 'sample' / 'tokenizer.model'}", "data.num_workers=0",
                          f"run_dir={tmp_path}/run"])
-    with pytest.raises(ValueError, match=r"fewer than one micro-batch of 16"):
+    with pytest.raises(ValueError, match=r"training tokens, fewer than one 129-token sample of the recipe's longest"):
         run(cfg)
     assert not list((tmp_path / "run").glob("*/complete.json"))
 

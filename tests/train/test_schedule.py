@@ -86,3 +86,16 @@ def test_cosine_from_the_peak_through_the_midpoint_to_the_floor():
 def test_no_warmup_starts_at_the_peak():
     assert lr_at(0, lr=1.0, min_lr=0.0, warmup=0, total=10) == 1.0
     assert lr_at(10, lr=1.0, min_lr=0.0, warmup=0, total=10) == 0.0
+
+
+def test_a_global_batch_the_devices_cannot_share_names_what_would_keep_it():
+    from danube.schedule import plan_stages
+
+    stage = [{"name": "s", "seq_len": 64, "tokens": 40960}]
+    with pytest.raises(ValueError, match=r"to keep the global batch of 64 sequences: trainer.devices=2 or 4 "
+                                         r"\(with this micro-batch\)$"):
+        plan_stages(stage, global_batch_tokens=4096, micro_batch_tokens=1024, world_size=3)
+    with pytest.raises(ValueError, match=r"trainer.devices=2 \(with this micro-batch\), or "
+                                         r"train.micro_batch_tokens=512 on 8 devices$"):
+        plan_stages(stage, global_batch_tokens=4096, micro_batch_tokens=2048, world_size=8)
+    assert plan_stages(stage, global_batch_tokens=4096, micro_batch_tokens=512, world_size=8)[0].grad_accum == 1

@@ -61,8 +61,14 @@ class DataConfig:
     tokenizer: str | None = setting(None, "shards: the SentencePiece model they were made with (checked by checksum)")
     root: str | None = setting(None, "sample: where it is made on first use")
     vocab_size: int | None = setting(None, "sample: pieces of the tokenizer trained on it", min=1)
-    num_workers: int = setting(1, "loader processes for one source and validation (a mixture reads in-process)",
+    num_workers: int = setting(0, "loader processes reading the training batches (0: in the training process)",
                                min=0)
+    piece_tokens: int | None = setting(None, "tokens per shuffled piece of a source; null: a power of two giving "
+                                             "~4,096 pieces, 4,096 to 1,048,576 (README: the data order)", min=1)
+    lanes: int = setting(512, "a source is read through at most this many lanes of its shuffled pieces: the places "
+                              "one batch draws from", min=1)
+    resume_old_order: bool = setting(False, "resume a run whose checkpoints hold danube 0.1's per-rank data order, "
+                                            "going on with the global order from each source's start")
 
     def __post_init__(self) -> None:
         check_ranges(self, "data")
@@ -106,7 +112,7 @@ class LoopConfig(NumericsConfig):
     micro_batch_tokens: int = setting(16_384, "tokens per device per forward; micro-batch = this / seq_len", min=1)
     log_every_n_steps: int = setting(5, "train/* scalars every this many optimizer steps", min=1)
     val_every_n_steps: int = setting(50, "val/loss every this many steps (and at each stage's end)", min=1)
-    val_batches: int = setting(20, "batches per validation; 0: no validation", min=0)
+    val_batches: int = setting(20, "micro-batches per validation, all devices together; 0: no validation", min=0)
     checkpoint_every_n_steps: int = setting(50, "also at each stage's last step and on SIGTERM/SIGINT; 0: only "
                                                 "those", min=0)
     keep_checkpoints: int = setting(1, "step checkpoints kept per stage (the newest; last.ckpt links to it)", min=1)

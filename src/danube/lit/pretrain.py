@@ -41,6 +41,8 @@ class PretrainModule(ClipsGradients):
         peak_flops: per-device peak for ``perf/mfu`` (None: not logged).
         init_from: a checkpoint of the previous stage to start from (weights, optimizer, tokens),
             or a danube model directory (weights only: fresh optimizer, tokens 0).
+        seed: the initial weights are drawn from this seed alone, whatever the process did before
+            (on any number of devices the run starts from the same weights).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class PretrainModule(ClipsGradients):
         source_names: list[str] | None = None,
         init_from: str | None = None,
         tokenizer_checksum: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optim", "precision"])
@@ -90,14 +93,17 @@ class PretrainModule(ClipsGradients):
         linear = te_linear_factory(self.precision) if self.fp8 else linear_no_bias
         # Outside a Trainer (benchmarks, notebooks) build where the module was moved to.
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        if self.fp8:
-            # TE layers keep FP8 scaling state outside parameters; build them on the device
-            # directly rather than through meta + to_empty.
-            with torch.device(device):
-                self.model = Danube(self.config, linear)
-            self.model.init_weights()
-        else:
-            self.model = build_model(self.config, device=device, linear=linear)
+        cuda = [device] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.hparams.seed)
+            if self.fp8:
+                # TE layers keep FP8 scaling state outside parameters; build them on the device
+                # directly rather than through meta + to_empty.
+                with torch.device(device):
+                    self.model = Danube(self.config, linear)
+                self.model.init_weights()
+            else:
+                self.model = build_model(self.config, device=device, linear=linear)
         if self.fp8_backend == "torchao":
             convert_to_float8(self.model, self.precision)  # before compile: it traces Float8Linear
         if self.hparams.activation_checkpointing:
@@ -247,11 +253,15 @@ class PretrainModule(ClipsGradients):
             "stage": self.hparams.stage,
             "tokenizer_checksum": self.hparams.tokenizer_checksum,
             "source_tokens": dict(zip(self.hparams.source_names or [], self.source_tokens_total)),
+            "world_size": self.trainer.world_size,
+            "accumulate": self.trainer.accumulate_grad_batches,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_tokenizer(checkpoint, "the checkpoint being resumed")
         self._restore_counters(checkpoint)
+        if self._trainer is not None:
+            recount_micro_batches(checkpoint, self.trainer.accumulate_grad_batches, self.trainer.world_size)
 
     def _restore_counters(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint["danube"]["tokens_seen"])
@@ -304,3 +314,27 @@ class PretrainModule(ClipsGradients):
         self.trainer.optimizers[0].load_state_dict(ckpt["optimizer_states"][0])
         self._restore_counters(ckpt)
         log.info("started from %s at %s tokens", path, f"{self.tokens_seen:,}")
+
+
+def recount_micro_batches(checkpoint: dict[str, Any], accumulate: int, world_size: int) -> None:
+    """Fit a checkpoint's loop counters to this run's gradient accumulation (a resume on another world size).
+
+    Lightning counts micro-batches, and decides where an optimizer step ends from that
+    count; a checkpoint of step ``k`` made with accumulation ``a`` has counted ``k * a``.
+    Resumed with accumulation ``b`` (the same global batch on another number of devices),
+    the count becomes ``k * b``, so that the next step again takes ``b`` micro-batches.
+    """
+    step = int(checkpoint.get("global_step", 0))
+    info = checkpoint.get("danube", {})
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if not step or progress is None:
+        return
+    before = info.get("accumulate") or max(1, progress["total"]["ready"] // step)
+    if before == accumulate:
+        return
+    shift = step * (accumulate - before)
+    for part in ("total", "current"):
+        for key in ("ready", "completed", "started", "processed"):
+            progress[part][key] += shift
+    log.info("resuming step %d on %d device(s) with %d micro-batches per step (the checkpoint: %s device(s), %d)",
+             step, world_size, accumulate, info.get("world_size", "?"), before)

@@ -49,15 +49,18 @@ COMPLETE_FILE = "complete.json"
 FINAL_CKPT = "final.ckpt"
 
 # What a run directory's recorded config is compared on (see danube.rundir.check_changes).
-IDENTITY_KEYS = ("model", "data", "recipe", "seed", "model_dir", "train.global_batch_tokens",
-                 "train.micro_batch_tokens", "trainer.devices", "trainer.num_nodes")
+# Not among them: the devices and the micro-batch (the walk through the data and the global batch do not
+# depend on them: a run resumes on another number of devices), and the data mixture (a stage's weights, or
+# data.weights: a change on a resume applies from the resumed step on, every source keeping its position).
+IDENTITY_KEYS = ("model", "data.kind", "data.sources", "data.tokenizer", "data.vocab_size", "data.piece_tokens",
+                 "data.lanes", "recipe", "seed", "model_dir", "train.global_batch_tokens")
 COSMETIC_KEYS = ("model.attn_backend", "data.num_workers", "data.root", "train.log_every_n_steps",
                  "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
                  "train.keep_checkpoints", "train.compile", "train.activation_checkpointing",
                  "train.loss_chunk_tokens", "train.max_steps", "perf", "verbose")
 # model._target_: recorded by runs made before the model presets lost it (nothing ever instantiated it).
 IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths", "model._target_",
-                "init_from")
+                "init_from", "data.resume_old_order")
 # What a plan may leave ??? (it reads no file): the data's paths and the start model.
 PLAN_MAY_MISS = ("model_dir", "data.sources")
 
@@ -367,6 +370,25 @@ def recorded_config(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> dict
     return config
 
 
+def mixtures_apart(config: dict | None) -> dict | None:
+    """``config`` with each stage's ``weights`` moved to ``mixture.<stage>``: a mixture may change on a resume."""
+    if not config:
+        return config
+    config = dict(config)
+    recipe = dict(config.get("recipe") or {})
+    stages = []
+    mixture = {}
+    for stage in recipe.get("stages") or []:
+        stage = dict(stage)
+        mixture[str(stage.get("name"))] = stage.pop("weights", None)
+        stages.append(stage)
+    if stages:
+        recipe["stages"] = stages
+        config["recipe"] = recipe
+        config["mixture"] = mixture
+    return config
+
+
 def upgrade_recorded(recorded: dict | None) -> dict | None:
     """A config an earlier release recorded, in today's terms: renamed keys moved, new settings at their defaults."""
     if not recorded:
@@ -409,7 +431,7 @@ def _run_locked(job: PretrainConfig, config: dict, plans: list[StagePlan], run_d
     check_fresh_run_dir(job, run_dir)
     recorded = upgrade_recorded(rundir.read_recorded(run_dir))
     finished = all(read_complete(run_dir / p.name) is not None for p in selected)
-    changes = rundir.check_changes(run_dir, recorded, config, identity=IDENTITY_KEYS,
+    changes = rundir.check_changes(run_dir, mixtures_apart(recorded), mixtures_apart(config), identity=IDENTITY_KEYS,
                                    cosmetic=COSMETIC_KEYS, ignore=IGNORED_KEYS + ("data.tokenizer_sha256",),
                                    finished=finished)
     check_finished_models(run_dir, plans, job.model)
@@ -503,9 +525,15 @@ def run_stage(job: PretrainConfig, plan, plans, run_dir, total_tokens, sources, 
     log.info("stage %s mixture: %s", plan.name, format_mixture(weights) if weights else "proportional to tokens")
     datamodule = PretrainDataModule(
         sources=sources, weights=weights, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
-        seed=job.seed + plan.index, num_workers=job.data.num_workers,
-        tokenizer_checksum=tokenizer.checksum, val_batches=t.val_batches, world_size=job.trainer.world_size,
+        global_batch_size=t.global_batch_tokens // plan.seq_len, steps=plan.steps, seed=job.seed,
+        num_workers=job.data.num_workers, tokenizer_checksum=tokenizer.checksum, val_batches=t.val_batches,
+        world_size=job.trainer.world_size, longest_seq_len=max(p.seq_len for p in plans),
+        piece_tokens=job.data.piece_tokens, lanes=job.data.lanes,
+        start=stage_position(init_from, job.data.resume_old_order), record_dir=stage_dir / "data",
+        resume_old_order=job.data.resume_old_order,
     )
+    if ckpt_path:
+        stage_position(ckpt_path, job.data.resume_old_order)  # an old order is refused before the model is built
     module = build_module(job, plan, total_tokens, init_from, tokenizer, list(sources))
     # A resumed (or restarted) stage logs its steps again: hide what an earlier attempt logged after its
     # checkpoint -- or, restarted from the stage's start, all it logged (its first point too, logged again).
@@ -560,6 +588,26 @@ def run_stage(job: PretrainConfig, plan, plans, run_dir, total_tokens, sources, 
     return result
 
 
+def stage_position(path: str | None, resume_old_order: bool) -> dict | None:
+    """The walk's state a checkpoint ends at (None: a model directory, or no start: every source at its start)."""
+    from danube.data.pretrain import OldOrder, data_position
+
+    if not path or not Path(path).is_file():
+        return None
+    position = data_position(load_checkpoint(path, mmap=True))
+    if position and "order" in position:
+        return position["order"]
+    if resume_old_order:
+        log.warning("%s holds no position of the global data order (written by danube 0.1): the walk starts at "
+                    "every source's beginning (data.resume_old_order=true); tokens read before may be read again",
+                    path)
+        return None
+    raise OldOrder(
+        f"{path} was written with danube 0.1's per-rank data order, which this release replaced (README: one walk "
+        "through the data): its position cannot be continued, and starting over would read its tokens again. Pass "
+        "data.resume_old_order=true to continue with the new order from each source's start, or use a new run_dir")
+
+
 def link_final(last: Path, final: Path) -> None:
     """``final.ckpt`` is the stage's last step checkpoint: a hard link (no second copy on disk), else a copy."""
     import shutil
@@ -592,4 +640,5 @@ def build_module(job: PretrainConfig, plan: StagePlan, total_tokens: int, init_f
         source_names=source_names,
         init_from=init_from,
         tokenizer_checksum=tokenizer.checksum,
+        seed=job.seed,
     )
