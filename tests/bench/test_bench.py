@@ -61,9 +61,14 @@ def test_data_loading_reports_tokens_per_second(tmp_path, sp_model):
     (tmp_path / "docs.txt").write_text("\n\n".join(corpus_lines(200)))
     prepare([tmp_path / "docs.txt"], tmp_path / "shards", sp_model, num_workers=1, chunk_bytes="64KB")
     proc = run("data_loading.py", "--shards", str(tmp_path / "shards"), "--seq-len", "64", "--micro-batch", "4",
-               "--workers", "0", "--sources", "1", "2", "--repeats", "1", "--no-write")
+               "--workers", "0", "--sources", "1", "2", "--world", "1", "8", "--global-batch", "64", "48",
+               "--tokens", "20000", "--repeats", "1", "--no-write")
     assert re.fullmatch(r"tokens_per_sec=\d+", last_line(proc))
-    assert len(re.findall(r"^64 +4 +[12] +0 ", proc.stdout, re.M)) == 2  # one row per source count
+    # Per source count: world 1 (global batch 4), world 8 (32, and 64 with 2 micro-batches per rank; 48 is
+    # not a whole number of micro-batches per rank and is skipped).
+    rows = re.findall(r"^64 +4 +([12]) +0 +(\d+) +(\d+) +(\d+) ", proc.stdout, re.M)
+    assert sorted(rows) == sorted((s, *r) for s in "12" for r in [("1", "4", "1"), ("8", "32", "1"), ("8", "64", "2")])
+    assert re.search(r"^lowest: [\d,]+ tokens/s per rank", proc.stdout, re.M)
 
 
 def test_generation_agrees_with_transformers_and_reports_the_ratio():
