@@ -131,10 +131,11 @@ def nearest_geometry(global_batch_tokens: int, seq_len: int, micro: int, world_s
     above = [d for d in devices if d > world_size][:1]
     hints = []
     if below or above:
-        hints.append(f"trainer.devices={' or '.join(str(d) for d in below + above)} (with this micro-batch)")
+        hints.append(f"{' or '.join(str(d) for d in below + above)} devices in all (trainer.devices x "
+                     "trainer.num_nodes) with this micro-batch")
     if samples % world_size == 0:
         fits = [m for m in range(min(micro, samples // world_size), 0, -1) if (samples // world_size) % m == 0]
-        hints.append(f"train.micro_batch_tokens={fits[0] * seq_len} on {world_size} devices")
+        hints.append(f"train.micro_batch_tokens={fits[0] * seq_len} on these {world_size}")
     if not hints:
         return ""
     return f"; to keep the global batch of {samples} sequences: {', or '.join(hints)}"

@@ -92,10 +92,10 @@ def test_a_global_batch_the_devices_cannot_share_names_what_would_keep_it():
     from danube.schedule import plan_stages
 
     stage = [{"name": "s", "seq_len": 64, "tokens": 40960}]
-    with pytest.raises(ValueError, match=r"to keep the global batch of 64 sequences: trainer.devices=2 or 4 "
-                                         r"\(with this micro-batch\)$"):
+    with pytest.raises(ValueError, match=r"to keep the global batch of 64 sequences: 2 or 4 devices in all "
+                                         r"\(trainer.devices x trainer.num_nodes\) with this micro-batch$"):
         plan_stages(stage, global_batch_tokens=4096, micro_batch_tokens=1024, world_size=3)
-    with pytest.raises(ValueError, match=r"trainer.devices=2 \(with this micro-batch\), or "
-                                         r"train.micro_batch_tokens=512 on 8 devices$"):
+    with pytest.raises(ValueError, match=r": 2 devices in all \(trainer.devices x trainer.num_nodes\) with this "
+                                         r"micro-batch, or train.micro_batch_tokens=512 on these 8$"):
         plan_stages(stage, global_batch_tokens=4096, micro_batch_tokens=2048, world_size=8)
     assert plan_stages(stage, global_batch_tokens=4096, micro_batch_tokens=512, world_size=8)[0].grad_accum == 1
