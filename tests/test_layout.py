@@ -7,7 +7,7 @@ is still a dependency). The layers, lowest first (README, "Code map"):
    ``errors``, ``determinism``, ``optim``, ``settings``; the model imports nothing of danube's but
    itself, ``errors`` and ``files``;
 1. data, formats and run plumbing: ``data``, ``hf``, ``lora``, ``swap_tokenizer``, ``eval``,
-   ``checkpoints``, ``rundir``, ``logs``, ``precision``, ``plot``;
+   ``checkpoints``, ``rundir``, ``logs``, ``precision``, ``plot``, ``cluster``;
 2. the typed configs: ``config`` (one schema per script, built from the groups' dataclasses);
 3. Lightning: ``lit`` (the LightningModules) and ``callbacks``;
 4. tasks: ``tasks`` (what the scripts run) and ``sweep``;
@@ -27,7 +27,7 @@ LAYERS = {
     0: ("danube", "danube.model", "danube.files", "danube.schedule", "danube.losses", "danube.errors",
         "danube.determinism", "danube.optim", "danube.settings"),
     1: ("danube.data", "danube.hf", "danube.lora", "danube.swap_tokenizer", "danube.eval", "danube.checkpoints",
-        "danube.rundir", "danube.logs", "danube.precision", "danube.plot"),
+        "danube.rundir", "danube.logs", "danube.precision", "danube.plot", "danube.cluster"),
     2: ("danube.config",),
     3: ("danube.lit", "danube.callbacks"),
     4: ("danube.tasks", "danube.sweep"),

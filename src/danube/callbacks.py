@@ -11,19 +11,34 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
+from danube import cluster
 from danube.checkpoints import point_last, prune, step_file
 
 log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
-    """A run stopped by SIGTERM or SIGINT after saving a checkpoint at an optimizer-step boundary."""
+    """A run stopped by a signal: after saving a checkpoint at an optimizer-step boundary, or at once.
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+    ``at_once``: a second Ctrl-C stopped the run where it was; ``checkpoint`` is then the newest one
+    written before, which the next run resumes from. ``requeue``: the SLURM job to requeue once this
+    process is out of the trainer (every collective done: the requeue ends the job's tasks at
+    once).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, *, at_once: bool = False,
+                 requeue: str | None = None) -> None:
+        self.signum, self.step, self.checkpoint, self.at_once = signum, step, checkpoint, at_once
+        self.requeue = requeue
         name = signal.Signals(signum).name
-        where = f"; the checkpoint {checkpoint} holds step {step}" if checkpoint else ""
-        super().__init__(f"stopped by {name} at optimizer step {step}{where}")
+        if at_once:
+            where = f"; the next run resumes from {checkpoint} (step {step})" if checkpoint else \
+                "; no checkpoint was written yet: the next run starts the stage over"
+            text = f"stopped at once by a second {name}{where}"
+        else:
+            where = f"; the checkpoint {checkpoint} holds step {step}" if checkpoint else ""
+            text = f"stopped by {name} at optimizer step {step}{where}"
+        super().__init__(text)
 
     @property
     def exit_code(self) -> int:
@@ -35,13 +50,16 @@ class StepBoundary(Callback):
 
     1. validation, every ``val_every_n_steps`` steps and at the stage's last step;
     2. a checkpoint, every ``every_n_steps`` steps and at the stage's last step;
-    3. a stop, when SIGTERM or SIGINT arrived since the last boundary: a checkpoint is
-       written (if step 2 wrote none) and :class:`Interrupted` is raised.
+    3. a stop, when SIGTERM, SIGINT or SIGUSR1 (SLURM's usual warning before a preemption or
+       the time limit) arrived since the last boundary: a checkpoint is written (if step 2
+       wrote none); then :class:`Interrupted` is raised (after SIGUSR1 in a SLURM job, rank
+       zero's asks for a requeue of the job: :func:`danube.cluster.requeue`, once out of the trainer).
 
     Nothing happens in the middle of gradient accumulation, so every checkpoint resumes
     exactly, and one written after its step's validation makes a kill during that
     validation repeat it rather than lose it. A second SIGINT stops at once (the last
-    checkpoint survives). On several devices the ranks agree on the stop with one
+    checkpoint survives; processes the launcher started are ended with it, so none is left
+    waiting in a collective). On several devices the ranks agree on the stop with one
     all-reduce of a scalar per step.
 
     Args:
@@ -63,19 +81,32 @@ class StepBoundary(Callback):
         self._step = -1
         self._saved_step = -1
         self._handlers: dict[int, Any] = {}
+        self._trainer = None
 
     # -- signals -------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: stop now
-        self.signum = signum
-        log.warning("received %s: stopping after the current optimizer step, with a checkpoint "
-                    "(press Ctrl-C again to stop at once)", signal.Signals(signum).name)
+            self._stop_at_once(signum)
+        if self.signum is None:
+            log.warning("received %s: stopping after the current optimizer step, with a checkpoint "
+                        "(press Ctrl-C again to stop at once)", signal.Signals(signum).name)
+        self.signum = self.signum or signum
+
+    def _stop_at_once(self, signum: int) -> None:
+        """Asked twice: stop where the run is, ending the processes the launcher started with this one."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C must not interrupt the way out
+        trainer = self._trainer
+        launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+        if launcher is not None and hasattr(launcher, "procs") and launcher.procs:
+            launcher.kill(signal.SIGKILL)
+        newest = self.last_saved or _newest_step_file(self.dirpath)
+        step = _step_of(newest) if newest is not None else 0
+        raise Interrupted(signum, step, newest, at_once=True)
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _restore(self) -> None:
@@ -94,6 +125,7 @@ class StepBoundary(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # A resumed stage starts on a boundary it has already handled.
         self._step = self._saved_step = trainer.global_step
+        self._trainer = trainer
         self._install()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -110,7 +142,9 @@ class StepBoundary(Callback):
         if stop or last or (self.every and step % self.every == 0):
             self.save(trainer)
         if stop:
-            raise Interrupted(stop, step, self.last_saved)
+            job = cluster.slurm_job_id()
+            requeue = job if stop == signal.SIGUSR1 and job is not None and trainer.is_global_zero else None
+            raise Interrupted(stop, step, self.last_saved, requeue=requeue)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
@@ -138,6 +172,20 @@ class StepBoundary(Callback):
             prune(self.dirpath, self.keep)
         self._saved_step, self.last_saved = step, path
         return path
+
+
+def _newest_step_file(dirpath: Path) -> Path | None:
+    from danube.checkpoints import step_checkpoints
+
+    found = step_checkpoints(dirpath)  # newest first
+    return found[0][1] if found else None
+
+
+def _step_of(path: Path) -> int:
+    from danube.checkpoints import STEP_FILE
+
+    m = STEP_FILE.match(path.name)
+    return int(m.group(1)) if m else 0
 
 
 def mean_validation_loss(trainer, loader, step_fn: Callable[[Any, int], torch.Tensor]) -> float | None:

@@ -161,8 +161,17 @@ def run_entry_point(script: str, task: Callable[[Any], Any], cfg: Any) -> Any:
                     "again to start it over", script)
         sys.exit(143)
     except Interrupted as err:
-        log.warning("%s: %s. Run the same command again to resume from it:\n  python %s", script, err,
-                    shlex.join(sys.argv))
+        if err.at_once:  # one line: the user asked to stop now
+            print(f"{script}: {err}", file=sys.stderr)
+        elif err.requeue:
+            log.warning("%s: %s", script, err)
+        else:
+            log.warning("%s: %s. Run the same command again to resume from it:\n  python %s", script, err,
+                        shlex.join(sys.argv))
+        if err.requeue:  # last, once out of the trainer: the requeue ends the job's tasks, this one included
+            from danube import cluster
+
+            log.warning("%s: %s", script, cluster.requeue(err.requeue))
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         log.warning("%s: interrupted; the run's newest checkpoint survives: run the same command again to resume",

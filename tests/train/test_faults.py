@@ -133,6 +133,7 @@ def test_three_sigkills_resume_bit_exactly(straight, data_root, tmp_path):
 @pytest.mark.parametrize("sig, code, group, workers", [
     (signal.SIGTERM, 143, True, 1),   # SLURM: the whole process group, data loader workers included
     (signal.SIGINT, 130, False, 0),   # Ctrl-C on the training process
+    (signal.SIGUSR1, 138, True, 1),   # SLURM's warning (sbatch --signal=USR1@N, scancel --signal=USR1): workers too
 ])
 def test_preemption_saves_at_a_step_boundary_and_exits_non_zero(straight, data_root, tmp_path, sig, code, group,
                                                                workers):
@@ -156,6 +157,70 @@ def test_preemption_saves_at_a_step_boundary_and_exits_non_zero(straight, data_r
     subprocess.run(_cmd(data_root, run_dir, f"data.num_workers={workers}"), cwd=REPO, env=ENV, check=True,
                    capture_output=True)
     _assert_same_run(straight, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_run_resumes(straight, data_root, tmp_path, devices):
+    """Exit 130 and one line naming the checkpoint the next run resumes from; no process of the run is left."""
+    run_dir = tmp_path / "run"
+    extra = ["trainer.devices=2", "trainer.strategy=ddp"] if devices == 2 else []
+    proc = subprocess.Popen(_cmd(data_root, run_dir, *extra), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = run_dir / "seq64" / "checkpoints" / "step00000003.ckpt"
+    _wait_for(first.is_file, proc, "the first checkpoint")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    line = next(x for x in out.splitlines() if "stopped at once" in x)
+    assert line.startswith("train.py: stopped at once by a second SIGINT; the next run resumes from ")
+    assert "Traceback" not in out
+    time.sleep(1.0)
+    left = subprocess.run(["pgrep", "-f", f"run_dir={run_dir}"], capture_output=True, text=True).stdout.split()
+    assert not left, "a process of the stopped run is still alive"
+    subprocess.run(_cmd(data_root, run_dir, *extra), cwd=REPO, env=ENV, check=True, capture_output=True)
+    if devices == 1:
+        _assert_same_run(straight, run_dir)
+
+
+def test_lightning_s_own_slurm_requeue_is_never_in_charge(monkeypatch):
+    """Under srun, Lightning would write hpc_ckpt_N.ckpt on SIGUSR1 and restore from it by itself: turned off."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from danube import cluster
+
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert cluster.lightning_plugins() == []
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "danube")
+    (plugin,) = cluster.lightning_plugins()
+    assert isinstance(plugin, SLURMEnvironment) and plugin.auto_requeue is False
+
+
+def test_a_requeue_says_what_happened(tmp_path, monkeypatch):
+    """`scontrol` as SLURM answers: the job requeued, a job that does not allow it, scontrol missing."""
+    from danube import cluster
+
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+if [ "$1" = show ]; then echo "JobId=$4 JobName=x Requeue=$REQUEUE Restarts=0"; fi
+""")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("REQUEUE", "1")
+    assert cluster.requeue("77") == "SLURM job 77 requeued: it resumes from this checkpoint when it starts again"
+    assert calls.read_text().splitlines()[-1] == "requeue 77"
+    monkeypatch.setenv("REQUEUE", "0")
+    assert "does not allow a requeue (submit with sbatch --requeue)" in cluster.requeue("78")
+    assert "requeue 78" not in calls.read_text()
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert "scontrol is not on PATH" in cluster.requeue("79")
 
 
 def test_a_kill_during_the_model_write_is_finished_on_the_next_run(small_run, monkeypatch, tmp_path):

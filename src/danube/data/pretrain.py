@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _worker_init(worker_id: int) -> None:
-    """Loader workers leave SIGTERM and SIGINT to the training process.
+    """Loader workers leave SIGTERM, SIGINT and SIGUSR1 to the training process.
 
     A scheduler that signals the whole process group (SLURM, a terminal's Ctrl-C) would
     otherwise kill the workers first, and the training process would die of "DataLoader
@@ -43,8 +43,8 @@ def _worker_init(worker_id: int) -> None:
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
     pl_worker_init_function(worker_id)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # SIGUSR1's default action would end the worker
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _TrainSteps(torch.utils.data.IterableDataset):

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from danube import cluster
 from danube.checkpoints import AtomicCheckpointIO
 from danube.config import DanubeConfig, PrecisionConfig, TrainerConfig
 from danube.errors import MissingHardware
@@ -147,7 +148,7 @@ def build_trainer(
                                  purge_step=purge_step),
         callbacks=callbacks,
         enable_progress_bar=bar,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster.lightning_plugins()],
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=log_every_n_steps,
