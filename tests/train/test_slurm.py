@@ -1,0 +1,138 @@
+"""danube under a real SLURM: the shipped sbatch script, preemption by SIGUSR1, requeue, resume.
+
+The cluster is the one-machine SLURM of ``slurm/local_cluster.sh`` (Debian's slurm-wlm and
+munge, daemons on localhost), brought up by ``.ci/run`` and, if needed, by the fixture below:
+both need root, and apt-get when the packages are missing. The jobs are the README's
+``sbatch slurm/train.sbatch ...`` with CPU overrides: 2 tasks (gloo) instead of 8 GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+from tests.train.conftest import SMALL
+
+pytestmark = pytest.mark.slow
+
+CPU = ["--ntasks-per-node=2", "--gpus-per-node=0"]
+ARGS = [*SMALL, "trainer.accelerator=cpu", "trainer.strategy=ddp", "train.checkpoint_every_n_steps=3"]
+
+
+@pytest.fixture(scope="session")
+def slurm() -> dict[str, str]:
+    """The environment for sbatch/squeue/scontrol of the local cluster (up, or brought up here)."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs its daemons as root (slurm/local_cluster.sh); not root here")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and there is no apt-get to install it (Debian: slurm-wlm munge)")
+    up = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
+    conf = subprocess.run(["bash", "slurm/local_cluster.sh", "env"], cwd=REPO, capture_output=True, text=True)
+    return {**os.environ, "SLURM_CONF": conf.stdout.strip().split("=", 1)[1], "PYTHONUNBUFFERED": "1"}
+
+
+def _sbatch(env: dict, out: Path, *args: str, options: tuple[str, ...] = ()) -> str:
+    sub = subprocess.run(["sbatch", "--parsable", *CPU, *options, f"--output={out}", "slurm/train.sbatch", *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return sub.stdout.strip().split(";")[0]
+
+
+def _job(env: dict, job: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def _wait_done(env: dict, job: str, timeout: float = 600) -> dict[str, str]:
+    """Wait for the job to end; a requeued job is let start at once (SLURM holds it ~2 minutes)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = _job(env, job)
+        state = info.get("JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        if state == "PENDING" and info.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env)
+    raise AssertionError(f"SLURM job {job} did not end in {timeout} s: {_job(env, job)}")
+
+
+def _wait_for(path: Path, env: dict, job: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.is_file():
+        assert _job(env, job).get("JobState") in ("PENDING", "RUNNING"), _job(env, job)
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.2)
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = (load_file(str(d / "seq128" / "model" / "model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    for stage in ("seq64", "seq128"):
+        assert (a / stage / "data" / "steps.jsonl").read_text() == (b / stage / "data" / "steps.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, data_root) -> Path:
+    """The same run as two local processes (Lightning starts the second): what the SLURM job must equal."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    cmd = [sys.executable, "train.py", *ARGS, "trainer.devices=2", f"paths.data_dir={data_root}", f"run_dir={run_dir}"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    return run_dir
+
+
+def test_the_sbatch_script_trains_what_two_local_processes_train(slurm, two_processes, data_root, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = _sbatch(slurm, out, *ARGS, f"paths.data_dir={data_root}", f"run_dir={run_dir}")
+    info = _wait_done(slurm, job)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert f"danube: job {job} start 1 on localhost: 1 node(s) x 2 task(s)" in text
+    assert text.count("train.py done in") == 1  # rank zero reports; the other rank says nothing
+    _same_weights(two_processes, run_dir)
+    assert not list(tmp_path.rglob("hpc_ckpt*")) and not list(REPO.glob("hpc_ckpt*"))
+
+
+def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes_bit_exactly(slurm, two_processes, data_root,
+                                                                            tmp_path):
+    """scancel --signal=USR1 (what --signal=USR1@120 sends before a preemption): checkpoint, requeue, resume."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = _sbatch(slurm, out, *ARGS, "data.num_workers=1", f"paths.data_dir={data_root}", f"run_dir={run_dir}")
+    _wait_for(run_dir / "seq64" / "checkpoints" / "step00000003.ckpt", slurm, job)
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    info = _wait_done(slurm, job)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert "stopped by SIGUSR1 at optimizer step" in text
+    assert f"SLURM job {job} requeued: it resumes from this checkpoint" in text
+    assert f"danube: job {job} start 2" in text and "train.py done in" in text
+    assert len(list((run_dir / "history").glob("*.yaml"))) == 2  # the first start and the requeued one
+    _same_weights(two_processes, run_dir)
+    assert not list(tmp_path.rglob("hpc_ckpt*"))
+
+
+def test_a_job_that_may_not_be_requeued_exits_138_and_says_to_submit_again(slurm, two_processes, data_root,
+                                                                        tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    args = [*ARGS, f"paths.data_dir={data_root}", f"run_dir={run_dir}"]
+    job = _sbatch(slurm, out, *args, options=("--no-requeue",))
+    _wait_for(run_dir / "seq64" / "checkpoints" / "step00000003.ckpt", slurm, job)
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    info = _wait_done(slurm, job)
+    text = out.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("138"), (info, text[-3000:])
+    assert f"SLURM job {job} does not allow a requeue (submit with sbatch --requeue); submit it again" in text
+    again = _sbatch(slurm, tmp_path / "again.out", *args)
+    assert _wait_done(slurm, again)["JobState"] == "COMPLETED"
+    _same_weights(two_processes, run_dir)
