@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
@@ -45,6 +47,44 @@ class Interrupted(Exception):
         return 128 + self.signum  # what a shell reports for a process the signal ended
 
 
+_LEAVING = False  # a stop was agreed and its checkpoint written: this process is on its way out
+
+
+@contextlib.contextmanager
+def sigterm_absorbed_when_leaving() -> Iterator[None]:
+    """SIGTERM as before, except once a stop is under way: then it is absorbed until the process exits.
+
+    After an agreed stop every rank leaves with the stop's exit code, and rank zero may still have a
+    SLURM requeue to ask for. srun (``--kill-on-bad-exit``) sends SIGTERM to the tasks still running as
+    soon as one has exited non-zero; without this, the slowest rank -- rank zero, asking SLURM about
+    the requeue -- died of it, with exit 143 and no requeue. Lightning restores the handler found at
+    the start of ``fit`` when it tears down, so it is installed around the whole run.
+    """
+    global _LEAVING
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame) -> None:
+        if _LEAVING:
+            return
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # what SIGTERM did before: the default action, or nothing
+
+    _LEAVING = False
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        # On the way out: ignored at the C level, which Python keeps through its finalization (a Python
+        # handler is reset to the default there, and the interpreter's shutdown can take seconds).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if _LEAVING else previous)
+
+
 class StepBoundary(Callback):
     """Everything that happens between two optimizer steps of a pretraining stage, in this order.
 
@@ -81,6 +121,7 @@ class StepBoundary(Callback):
         self._step = -1
         self._saved_step = -1
         self._handlers: dict[int, Any] = {}
+        self._keep: set[int] = set()  # handlers left in place when the others are restored
         self._trainer = None
 
     # -- signals -------------------------------------------------------------------------
@@ -111,6 +152,8 @@ class StepBoundary(Callback):
 
     def _restore(self) -> None:
         for sig, handler in self._handlers.items():
+            if sig in self._keep:
+                continue
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._handlers = {}
 
@@ -142,6 +185,11 @@ class StepBoundary(Callback):
         if stop or last or (self.every and step % self.every == 0):
             self.save(trainer)
         if stop:
+            global _LEAVING
+            _LEAVING = True  # from here a SIGTERM changes nothing (sigterm_absorbed_when_leaving)
+            self._keep = {signal.SIGTERM}  # Lightning's handler would broadcast to ranks that are gone
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             job = cluster.slurm_job_id()
             requeue = job if stop == signal.SIGUSR1 and job is not None and trainer.is_global_zero else None
             raise Interrupted(stop, step, self.last_saved, requeue=requeue)

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from danube import logs, rundir
-from danube.callbacks import StepBoundary, mean_validation_loss
+from danube.callbacks import StepBoundary, mean_validation_loss, sigterm_absorbed_when_leaving
 from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact
 from danube.config import DanubeConfig, PretrainConfig, typed, with_defaults
 from danube.config import hydra_runtime
@@ -421,7 +421,7 @@ def run(cfg: DictConfig) -> TrainResult | None:
         check_start_tokenizer(Path(job.model_dir), tokenizer)
     run_dir = rundir.resolve(job.run_dir, name=job.name or hydra_runtime.choice("model"), runs_dir=job.paths.runs_dir,
                              job_dir=hydra_runtime.job_dir())
-    with rundir.lock(run_dir):
+    with rundir.lock(run_dir), sigterm_absorbed_when_leaving():
         return _run_locked(job, recorded_config(cfg, tokenizer), plans, run_dir, sources, weights, tokenizer, runtime)
 
 
