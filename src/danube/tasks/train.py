@@ -11,6 +11,8 @@ Run directory layout::
       <stage>/final.ckpt              # the stage's end: what the next stage starts from
       <stage>/model/                  # the stage's weights as a danube model directory
       <stage>/complete.json           # written last: the stage is complete
+      <stage>/data/steps.jsonl        # what every optimizer step read, per source (danube data-report)
+      <stage>/data/positions.jsonl    # the walk through the data at every checkpoint
 
 A stage may set its own data mixture (``weights: {source: share}`` in the recipe; default
 ``data.weights``), and the first stage may start from a model directory's weights
