@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from danube import cluster
-from danube.checkpoints import point_last, prune, step_file
+from danube.checkpoints import point_last, prune, step_checkpoints, step_file
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,10 @@ class StepBoundary(Callback):
         launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
         if launcher is not None and hasattr(launcher, "procs") and launcher.procs:
             launcher.kill(signal.SIGKILL)
-        newest = self.last_saved or _newest_step_file(self.dirpath)
-        step = _step_of(newest) if newest is not None else 0
+        if self.last_saved is not None:
+            step, newest = self._saved_step, self.last_saved
+        else:  # none written by this process: the one it resumed from, if any (newest first)
+            step, newest = next(iter(step_checkpoints(self.dirpath)), (0, None))
         raise Interrupted(signum, step, newest, at_once=True)
 
     def _install(self) -> None:
@@ -220,20 +222,6 @@ class StepBoundary(Callback):
             prune(self.dirpath, self.keep)
         self._saved_step, self.last_saved = step, path
         return path
-
-
-def _newest_step_file(dirpath: Path) -> Path | None:
-    from danube.checkpoints import step_checkpoints
-
-    found = step_checkpoints(dirpath)  # newest first
-    return found[0][1] if found else None
-
-
-def _step_of(path: Path) -> int:
-    from danube.checkpoints import STEP_FILE
-
-    m = STEP_FILE.match(path.name)
-    return int(m.group(1)) if m else 0
 
 
 def mean_validation_loss(trainer, loader, step_fn: Callable[[Any, int], torch.Tensor]) -> float | None:

@@ -239,12 +239,6 @@ class Walk:
             ep = self._epochs[name] = _Epoch(self.layouts[name], self.seed, name, self._state["sources"][name]["epoch"])
         return ep
 
-    def draw(self, name: str, length: int) -> list[tuple[int, int]]:
-        """The next ``length`` tokens of source ``name``, as the source's token ranges."""
-        out = GlobalBatch(1, length)
-        self._take(self.names.index(name), np.zeros(1, dtype=np.int64), out)
-        return out[0].ranges
-
     def _take(self, source: int, where: np.ndarray, out: GlobalBatch) -> None:
         """The source's next samples, into positions ``where`` of ``out``.
 
