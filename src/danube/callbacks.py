@@ -29,17 +29,19 @@ class Interrupted(Exception):
     """
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None, *, at_once: bool = False,
-                 requeue: str | None = None) -> None:
+                 requeue: str | None = None, resumable: bool = True) -> None:
         self.signum, self.step, self.checkpoint, self.at_once = signum, step, checkpoint, at_once
-        self.requeue = requeue
+        self.requeue, self.resumable = requeue, resumable
         name = signal.Signals(signum).name
-        if at_once:
-            where = f"; the next run resumes from {checkpoint} (step {step})" if checkpoint else \
-                "; no checkpoint was written yet: the next run starts the stage over"
-            text = f"stopped at once by a second {name}{where}"
+        if not resumable:
+            where = "; fine-tuning keeps no checkpoint: the next run starts it over"
+        elif checkpoint:
+            where = f"; the next run resumes from {checkpoint} (step {step})" if at_once else \
+                f"; the checkpoint {checkpoint} holds step {step}"
         else:
-            where = f"; the checkpoint {checkpoint} holds step {step}" if checkpoint else ""
-            text = f"stopped by {name} at optimizer step {step}{where}"
+            where = "; no checkpoint was written yet: the next run starts the stage over" if at_once else ""
+        text = f"stopped at once by a second {name}{where}" if at_once else \
+            f"stopped by {name} at optimizer step {step}{where}"
         super().__init__(text)
 
     @property
@@ -85,39 +87,26 @@ def sigterm_absorbed_when_leaving() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN if _LEAVING else previous)
 
 
-class StepBoundary(Callback):
-    """Everything that happens between two optimizer steps of a pretraining stage, in this order.
+class SignalStop(Callback):
+    """A stop at the next optimizer step when SIGTERM, SIGINT or SIGUSR1 arrives, agreed by every rank.
 
-    1. validation, every ``val_every_n_steps`` steps and at the stage's last step;
-    2. a checkpoint, every ``every_n_steps`` steps and at the stage's last step;
-    3. a stop, when SIGTERM, SIGINT or SIGUSR1 (SLURM's usual warning before a preemption or
-       the time limit) arrived since the last boundary: a checkpoint is written (if step 2
-       wrote none); then :class:`Interrupted` is raised (after SIGUSR1 in a SLURM job, rank
-       zero's asks for a requeue of the job: :func:`danube.cluster.requeue`, once out of the trainer).
-
-    Nothing happens in the middle of gradient accumulation, so every checkpoint resumes
-    exactly, and one written after its step's validation makes a kill during that
-    validation repeat it rather than lose it. A second SIGINT stops at once (the last
-    checkpoint survives; processes the launcher started are ended with it, so none is left
-    waiting in a collective). On several devices the ranks agree on the stop with one
-    all-reduce of a scalar per step.
-
-    Args:
-        dirpath: the stage's ``checkpoints/`` folder.
-        every_n_steps: checkpoint interval (0: only at the last step and on a stop).
-        keep: step checkpoints kept (the newest); ``last.ckpt`` links to the newest.
-        last_step: the stage's last optimizer step (its ``max_steps``).
-        validate: runs one validation and returns its mean loss (None: no validation data).
-        val_every_n_steps: validation interval (None: no validation).
+    SIGUSR1 is SLURM's usual warning before a preemption or the time limit. At the first
+    optimizer-step boundary after a signal, :meth:`stopping` writes what the run keeps (this
+    class: nothing; :class:`StepBoundary`: a checkpoint) and :class:`Interrupted` is raised;
+    after SIGUSR1 in a SLURM job, rank zero's asks for a requeue of the job
+    (:func:`danube.cluster.requeue`, once out of the trainer). A second SIGINT stops at once
+    (processes the launcher started are ended with it, so none is left waiting in a
+    collective). On several devices the ranks agree on the stop with one all-reduce of a
+    scalar per step. Fine-tuning uses this class as it is: it keeps no checkpoint and a
+    stopped run starts over.
     """
 
-    def __init__(self, dirpath: Path, *, every_n_steps: int, keep: int, last_step: int,
-                 validate: Callable[[], float | None] | None = None, val_every_n_steps: int | None = None) -> None:
-        self.dirpath, self.every, self.keep, self.last_step = Path(dirpath), every_n_steps, keep, last_step
-        self.validate, self.val_every = validate, val_every_n_steps
+    resumable = False  # whether a stopped run goes on from what it kept
+    stop_note = ""  # what the stop keeps, for the warning
+
+    def __init__(self) -> None:
         self.signum: int | None = None
         self.last_saved: Path | None = None
-        self.last_val: tuple[int, float] | None = None  # (step, val loss)
         self._step = -1
         self._saved_step = -1
         self._handlers: dict[int, Any] = {}
@@ -129,9 +118,13 @@ class StepBoundary(Callback):
         if self.signum is not None and signum == signal.SIGINT:
             self._stop_at_once(signum)
         if self.signum is None:
-            log.warning("received %s: stopping after the current optimizer step, with a checkpoint "
-                        "(press Ctrl-C again to stop at once)", signal.Signals(signum).name)
+            log.warning("received %s: stopping after the current optimizer step%s (press Ctrl-C again to stop at "
+                        "once)", signal.Signals(signum).name, self.stop_note)
         self.signum = self.signum or signum
+
+    def newest_kept(self) -> tuple[int, Path | None]:
+        """The step and file a run stopped at once resumes from (this class: none)."""
+        return 0, None
 
     def _stop_at_once(self, signum: int) -> None:
         """Asked twice: stop where the run is, ending the processes the launcher started with this one."""
@@ -140,11 +133,8 @@ class StepBoundary(Callback):
         launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
         if launcher is not None and hasattr(launcher, "procs") and launcher.procs:
             launcher.kill(signal.SIGKILL)
-        if self.last_saved is not None:
-            step, newest = self._saved_step, self.last_saved
-        else:  # none written by this process: the one it resumed from, if any (newest first)
-            step, newest = next(iter(step_checkpoints(self.dirpath)), (0, None))
-        raise Interrupted(signum, step, newest, at_once=True)
+        step, newest = self.newest_kept()
+        raise Interrupted(signum, step, newest, at_once=True, resumable=self.resumable)
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -178,23 +168,23 @@ class StepBoundary(Callback):
         if step == self._step:
             return  # in the middle of gradient accumulation
         self._step = step
-        last = step >= self.last_step
-        if self.validate is not None and self.val_every and (step % self.val_every == 0 or last):
-            loss = self.validate()
-            if loss is not None:
-                self.last_val = (step, loss)
-        stop = self._stop_agreed(trainer)
-        if stop or last or (self.every and step % self.every == 0):
-            self.save(trainer)
+        stop = self.at_boundary(trainer, step)
         if stop:
-            global _LEAVING
-            _LEAVING = True  # from here a SIGTERM changes nothing (sigterm_absorbed_when_leaving)
-            self._keep = {signal.SIGTERM}  # Lightning's handler would broadcast to ranks that are gone
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            job = cluster.slurm_job_id()
-            requeue = job if stop == signal.SIGUSR1 and job is not None and trainer.is_global_zero else None
-            raise Interrupted(stop, step, self.last_saved, requeue=requeue)
+            self.leave(trainer, stop, step)
+
+    def at_boundary(self, trainer, step: int) -> int | None:
+        """The work of one optimizer-step boundary; returns the agreed stop signal (None: go on)."""
+        return self._stop_agreed(trainer)
+
+    def leave(self, trainer, stop: int, step: int) -> None:
+        global _LEAVING
+        _LEAVING = True  # from here a SIGTERM changes nothing (sigterm_absorbed_when_leaving)
+        self._keep = {signal.SIGTERM}  # Lightning's handler would broadcast to ranks that are gone
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        job = cluster.slurm_job_id()
+        requeue = job if stop == signal.SIGUSR1 and job is not None and trainer.is_global_zero else None
+        raise Interrupted(stop, step, self.last_saved, requeue=requeue, resumable=self.resumable)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
@@ -204,6 +194,56 @@ class StepBoundary(Callback):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore()
+
+
+class StepBoundary(SignalStop):
+    """Everything that happens between two optimizer steps of a pretraining stage, in this order.
+
+    1. validation, every ``val_every_n_steps`` steps and at the stage's last step;
+    2. a checkpoint, every ``every_n_steps`` steps and at the stage's last step;
+    3. a stop, when a signal arrived since the last boundary (:class:`SignalStop`): a
+       checkpoint is written (if step 2 wrote none), then :class:`Interrupted` is raised.
+
+    Nothing happens in the middle of gradient accumulation, so every checkpoint resumes
+    exactly, and one written after its step's validation makes a kill during that
+    validation repeat it rather than lose it. A run stopped at once by a second Ctrl-C
+    resumes from the newest checkpoint written before.
+
+    Args:
+        dirpath: the stage's ``checkpoints/`` folder.
+        every_n_steps: checkpoint interval (0: only at the last step and on a stop).
+        keep: step checkpoints kept (the newest); ``last.ckpt`` links to the newest.
+        last_step: the stage's last optimizer step (its ``max_steps``).
+        validate: runs one validation and returns its mean loss (None: no validation data).
+        val_every_n_steps: validation interval (None: no validation).
+    """
+
+    stop_note = ", with a checkpoint"
+    resumable = True
+
+    def __init__(self, dirpath: Path, *, every_n_steps: int, keep: int, last_step: int,
+                 validate: Callable[[], float | None] | None = None, val_every_n_steps: int | None = None) -> None:
+        super().__init__()
+        self.dirpath, self.every, self.keep, self.last_step = Path(dirpath), every_n_steps, keep, last_step
+        self.validate, self.val_every = validate, val_every_n_steps
+        self.last_val: tuple[int, float] | None = None  # (step, val loss)
+
+    def newest_kept(self) -> tuple[int, Path | None]:
+        if self.last_saved is not None:
+            return self._saved_step, self.last_saved
+        # none written by this process: the one it resumed from, if any (newest first)
+        return next(iter(step_checkpoints(self.dirpath)), (0, None))
+
+    def at_boundary(self, trainer, step: int) -> int | None:
+        last = step >= self.last_step
+        if self.validate is not None and self.val_every and (step % self.val_every == 0 or last):
+            loss = self.validate()
+            if loss is not None:
+                self.last_val = (step, loss)
+        stop = self._stop_agreed(trainer)
+        if stop or last or (self.every and step % self.every == 0):
+            self.save(trainer)
+        return stop
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, trainer) -> Path:

@@ -41,17 +41,22 @@ def requeue_allowed(job_id: str) -> bool:
     return out.returncode == 0 and " Requeue=1" in f" {out.stdout}"
 
 
-def requeue(job_id: str) -> str:
-    """Put the job back in the queue (it is stopped and starts again later); returns what happened, in words."""
+def requeue(job_id: str, *, resumes: bool = True) -> str:
+    """Put the job back in the queue (it is stopped and starts again later); returns what happened, in words.
+
+    ``resumes``: whether the job goes on from a checkpoint when it starts again (pretraining) or
+    starts over (fine-tuning).
+    """
     if shutil.which("scontrol") is None:
         return f"SLURM job {job_id} was not requeued: scontrol is not on PATH"
     if not requeue_allowed(job_id):
         return (f"SLURM job {job_id} does not allow a requeue (submit with sbatch --requeue); submit it again to "
-                "resume")
+                + ("resume" if resumes else "start over"))
     try:
         out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"SLURM job {job_id} was not requeued: {err}"
     if out.returncode:
         return f"SLURM job {job_id} was not requeued: {(out.stderr or out.stdout).strip()}"
-    return f"SLURM job {job_id} requeued: it resumes from this checkpoint when it starts again"
+    then = "resumes from this checkpoint" if resumes else "starts over"
+    return f"SLURM job {job_id} requeued: it {then} when it starts again"

@@ -166,12 +166,12 @@ def run_entry_point(script: str, task: Callable[[Any], Any], cfg: Any) -> Any:
         elif err.requeue:
             log.warning("%s: %s", script, err)
         else:
-            log.warning("%s: %s. Run the same command again to resume from it:\n  python %s", script, err,
-                        shlex.join(sys.argv))
+            log.warning("%s: %s. Run the same command again to %s:\n  python %s", script, err,
+                        "resume from it" if err.resumable else "start it over", shlex.join(sys.argv))
         if err.requeue:  # last, once out of the trainer: the requeue ends the job's tasks, this one included
             from danube import cluster
 
-            log.warning("%s: %s", script, cluster.requeue(err.requeue))
+            log.warning("%s: %s", script, cluster.requeue(err.requeue, resumes=err.resumable))
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         log.warning("%s: interrupted; the run's newest checkpoint survives: run the same command again to resume",

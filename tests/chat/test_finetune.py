@@ -209,3 +209,44 @@ def test_a_second_run_never_replaces_its_input_or_a_finished_run(tiny_model_dir,
     assert (first.model_dir / "model.safetensors").read_bytes() == weights
     second = run(compose_finetune(base + [f"model_dir={first.model_dir}", "name=dpo2"]))
     assert second.run_dir == tmp_path / "dpo2" and len(list((tmp_path / "finetune_dpo" / "history").glob("*"))) == 1
+
+
+@pytest.mark.slow
+def test_slurm_s_warning_stops_fine_tuning_at_a_step_and_requeues_it_to_start_over(tiny_model_dir, chat_files,
+                                                                                     tmp_path):
+    """SIGUSR1 to the process group (scancel --signal=USR1, sbatch --signal=USR1@N), loader workers included.
+
+    Fine-tuning keeps no checkpoint: it stops at the next optimizer step with exit 138, writes no
+    model, and rank zero asks SLURM to requeue the job (here a stand-in scontrol), which starts it over.
+    """
+    import os
+    import signal
+    import time
+
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                        'if [ "$1" = show ]; then echo "JobId=$4 JobName=x Requeue=1 Restarts=0"; fi\n')
+    scontrol.chmod(0o755)
+    env = {**os.environ, "PATH": f"{scontrol.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "sft"
+    cmd = [sys.executable, "finetune.py", *CPU, f"model_dir={tiny_model_dir}", "chat_data=messages",
+           f"chat_data.sources.messages.path={chat_files['messages']}", f"run_dir={run_dir}", "train.batch_size=2",
+           "train.micro_batch_size=1", "train.epochs=50", "train.num_workers=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "fine-tuning did not start"
+        time.sleep(0.2)
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 138, out[-2000:]
+    assert "stopped by SIGUSR1 at optimizer step" in out and "fine-tuning keeps no checkpoint" in out
+    assert "SLURM job 4242 requeued: it starts over when it starts again" in out
+    assert "Traceback" not in out and "exited unexpectedly" not in out
+    assert calls.read_text().splitlines()[-1] == "requeue 4242"
+    assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()

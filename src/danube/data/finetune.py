@@ -24,6 +24,7 @@ import torch
 
 from danube.data.chat import TrainingTokenizer
 from danube.data.records import ReadStats
+from danube.data.workers import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,8 @@ class FinetuneDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         dataset = StepBatches(self.items, self.plan, self._rank()[0], self.collate_fn)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                                           worker_init_fn=worker_init if self.num_workers else None)
 
 
 class FinetuneDataModuleWithValidation(FinetuneDataModule):
@@ -231,7 +233,8 @@ class FinetuneDataModuleWithValidation(FinetuneDataModule):
     def val_dataloader(self):
         rank, ws = self._rank()
         dataset = MicroBatches(self.val_items, self.micro_batch_size, rank, ws, self.collate_fn)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                                           worker_init_fn=worker_init if self.num_workers else None)
 
 
 def finetune_datamodule(items: list, plan: list, collate_fn, *, val_items: list | None = None, micro_batch_size: int = 1,

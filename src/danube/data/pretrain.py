@@ -24,27 +24,11 @@ import torch
 from danube.data.order import FORMAT, Layout, Sample, Walk, digest, micro_batch_indices, plan_layout
 from danube.data.prepare import check_tokenizer, read_manifest
 from danube.data.streams import TokenStream
+from danube.data.workers import worker_init
 from danube.files import atomic_write_text
 from danube.schedule import check_mixture
 
 log = logging.getLogger(__name__)
-
-
-def _worker_init(worker_id: int) -> None:
-    """Loader workers leave SIGTERM, SIGINT and SIGUSR1 to the training process.
-
-    A scheduler that signals the whole process group (SLURM, a terminal's Ctrl-C) would
-    otherwise kill the workers first, and the training process would die of "DataLoader
-    worker killed" instead of stopping at its next optimizer step with a checkpoint. A
-    worker still exits when the training process does.
-    """
-    import signal
-
-    from lightning.fabric.utilities.seed import pl_worker_init_function
-
-    pl_worker_init_function(worker_id)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # SIGUSR1's default action would end the worker
-        signal.signal(sig, signal.SIG_IGN)
 
 
 class _TrainSteps(torch.utils.data.IterableDataset):
@@ -458,7 +442,7 @@ class PretrainDataModule(L.LightningDataModule):
         dataset = _TrainSteps(self.train_streams, walk_args, block, self.micro_batch_size, rank, world, accumulate,
                               first, steps)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                             worker_init_fn=_worker_init if self.num_workers else None)
+                                             worker_init_fn=worker_init if self.num_workers else None)
         return _Batches(loader, pin=torch.cuda.is_available())
 
     def _say_epochs(self, tokens: int) -> None:

@@ -32,6 +32,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from danube import logs, rundir
+from danube.callbacks import SignalStop
 from danube.config import ChatSourceConfig, FinetuneConfig, typed
 from danube.config import hydra_runtime
 from danube.data.finetune import ItemSettings, SourceData, build_items, finetune_datamodule, micro_batches_per_step, step_plan
@@ -208,7 +209,8 @@ def _run_locked(job: FinetuneConfig, sources, tok: Tokenizer, ws: int, accumulat
                             stage_dir=run_dir, logger_dir=run_dir / "tensorboard", logger_version=loss,
                             max_steps=len(plan), accumulate=accumulate,
                             val_check_interval=(t.val_every_n_steps or len(plan)) * accumulate,
-                            progress=f"{loss} steps", purge_step=0 if restarted else None)
+                            progress=f"{loss} steps", purge_step=0 if restarted else None,
+                            callbacks=[SignalStop()])
     data = finetune_datamodule(items, plan, collate_fn, val_items=val_items, micro_batch_size=t.micro_batch_size,
                                num_workers=t.num_workers)
     with warnings.catch_warnings():
