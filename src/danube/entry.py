@@ -182,3 +182,26 @@ def run_entry_point(script: str, task: Callable[[Any], Any], cfg: Any) -> Any:
             raise
         print(f"{script}: error: {err} (DANUBE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as err:
+        if not lost_peer(err) or os.environ.get("DANUBE_TRACEBACK"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"{script}: error: rank {os.environ.get('RANK', '?')} lost another rank of the run ({first}): a "
+              "process or node of the run died or was stopped, its own log says why; launch the run again (every "
+              "node) to resume from its newest checkpoint (DANUBE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "Watchdog caught collective operation timeout", "ProcessGroupNCCL is shutting down")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank of the run is gone (killed, lost, timed out)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+        int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return False
+    return isinstance(err, getattr(dist, "DistNetworkError", ())) or any(p in str(err) for p in _PEER_LOST)

@@ -21,6 +21,9 @@ class TrainerConfig:
     num_nodes: int = setting(1, "machines, each with `devices` devices", min=1)
     strategy: str = setting("auto", "how devices share the work (fsdp: full sharding, one wrap unit per block)",
                             choices=STRATEGIES)
+    collective_timeout_s: int = setting(
+        1800, "seconds a rank waits in a collective before it gives up: how long the others go on after a rank or "
+        "node died where the backend cannot tell (NCCL); gloo notices a closed connection at once", min=10)
 
     def __post_init__(self) -> None:
         check_ranges(self, "trainer")

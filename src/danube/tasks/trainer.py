@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import statistics
@@ -85,13 +86,23 @@ def measured_matmul_flops(k: int = 1024, n: int = 1024, m: int | None = None, re
 
 
 def strategy(trainer: TrainerConfig):
-    """Lightning's strategy for ``trainer.strategy`` (FSDP: full sharding, one wrap unit per block)."""
+    """Lightning's strategy for ``trainer.strategy`` (FSDP: full sharding, one wrap unit per block).
+
+    Every distributed strategy waits ``trainer.collective_timeout_s`` in a collective, not
+    Lightning's default of 30 minutes, so a rank whose peer died stops in a known time.
+    """
+    timeout = datetime.timedelta(seconds=trainer.collective_timeout_s)
     if trainer.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
         from danube.model.transformer import Block
 
-        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full")
+        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full",
+                            timeout=timeout)
+    if trainer.strategy in ("ddp", "ddp_spawn") or (trainer.strategy == "auto" and trainer.world_size > 1):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(start_method="spawn" if trainer.strategy == "ddp_spawn" else "popen", timeout=timeout)
     return trainer.strategy
 
 
