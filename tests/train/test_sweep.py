@@ -6,8 +6,10 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,12 +118,14 @@ def test_optuna_configs_compose_with_their_search_space(option, model):
 
     cfg = compose_sweep([f"hparams_search={option}"])
     sweeper = cfg.hydra.sweeper
-    assert sweeper.direction == "minimize" and sweeper.storage is None
+    # the study lives beside its jobs, in one folder per study: the same command again continues it
+    assert sweeper.direction == "minimize" and sweeper.storage == f"sqlite:///{cfg.hydra.sweep.dir}/optuna.db"
+    assert cfg.hydra.sweep.dir.endswith(f"/sweeps/{sweeper.study_name}")
     assert set(sweeper.params) == {"optim.lr", "optim.min_lr", "optim.warmup_tokens", "optim.weight_decay"}
     assert cfg.model.n_embd == model
     # what Hydra builds at `-m`: the plugin's sweeper with a seeded TPE sampler
     built = instantiate(sweeper)
-    assert type(built).__name__ == "OptunaSweeper"
+    assert type(built).__name__ == "ResumableOptunaSweeper"
     assert isinstance(built.sweeper.sampler, optuna.samplers.TPESampler) and built.sweeper.n_trials == sweeper.n_trials
     # every warm-up choice ends before the recipe does, every LR range stays above min_lr's
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -303,11 +307,51 @@ def test_grid_multirun_of_the_tiny_model_is_reported_sorted(tmp_path, data_root)
 
 
 @pytest.mark.slow
-def test_optuna_two_trials_on_the_tiny_model(tmp_path, data_root):
-    sweep_dir = _multirun(["hparams_search=tiny_optuna", "hydra.sweeper.n_trials=2"], tmp_path, data_root)
-    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+def test_an_optuna_sweep_killed_mid_trial_goes_on_where_it_stopped(tmp_path, data_root):
+    """The study lives in sqlite beside the jobs: the same command again runs only what is missing.
+
+    The sweep is killed (SIGKILL, its whole process group) while trial 1 runs. The relaunch keeps
+    trial 0, runs trial 1's parameters again as job 2, then job 3, and no job reuses a folder; a
+    third launch of the finished study runs nothing.
+    """
+    import optuna
+
+    sweep_dir = tmp_path / "multirun"
+    cmd = [sys.executable, "train.py", "-m", "hparams_search=tiny_optuna", "hydra.sweeper.n_trials=3", *QUICK,
+           f"paths.data_dir={data_root}", f"paths.runs_dir={tmp_path}/runs", f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (sweep_dir / "1" / "result.json").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep did not reach its second trial"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    storage = f"sqlite:///{sweep_dir}/optuna.db"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    interrupted = study.trials[1].params
+
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 of 3 trials finished, 1 interrupted trial(s) run again; 2 to go, from job 2" in out.stdout + out.stderr
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[2].params == interrupted
     jobs, written = sweep_report(sweep_dir, tensorboard=False)
-    assert len(jobs) == 2 and all(j.status == "complete" for j in jobs)
-    assert best["best_value"] == pytest.approx(jobs[0].val_loss)  # Optuna minimised what train.py returned
-    assert float(jobs[0].overrides["optim.lr"]) == pytest.approx(best["best_params"]["optim.lr"])
+    status = {j.name: j.status for j in jobs}
+    assert status == {"0": "complete", "1": "incomplete", "2": "complete", "3": "complete"}
+    for job in jobs:  # every folder holds the trial of its number
+        if job.status == "complete":
+            trial = study.trials[int(job.name)]
+            assert float(job.overrides["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
+            assert trial.value == pytest.approx(job.val_loss)
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(j.val_loss for j in jobs if j.status == "complete"))
     assert "Optuna's best value" in written["markdown"].read_text()
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "3 of 3 trials finished" in again.stdout + again.stderr
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 4
+    assert not (sweep_dir / "4").exists()
