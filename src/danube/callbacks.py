@@ -49,6 +49,11 @@ class Interrupted(Exception):
         return 128 + self.signum  # what a shell reports for a process the signal ended
 
 
+# What stops a run at its next optimizer step; the last two are a scheduler's warning before a
+# preemption or the time limit, after which a SLURM job is requeued.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
 _LEAVING = False  # a stop was agreed and its checkpoint written: this process is on its way out
 
 
@@ -88,12 +93,14 @@ def sigterm_absorbed_when_leaving() -> Iterator[None]:
 
 
 class SignalStop(Callback):
-    """A stop at the next optimizer step when SIGTERM, SIGINT or SIGUSR1 arrives, agreed by every rank.
+    """A stop at the next optimizer step when SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 arrives, agreed by every rank.
 
-    SIGUSR1 is SLURM's usual warning before a preemption or the time limit. At the first
+    SIGUSR1 is SLURM's usual warning before a preemption or the time limit (``sbatch
+    --signal=USR1@N``), SIGUSR2 the one submitit asks for (Hydra's ``submitit_slurm``
+    launcher, which runs each job of a sweep as a SLURM job). At the first
     optimizer-step boundary after a signal, :meth:`stopping` writes what the run keeps (this
     class: nothing; :class:`StepBoundary`: a checkpoint) and :class:`Interrupted` is raised;
-    after SIGUSR1 in a SLURM job, rank zero's asks for a requeue of the job
+    after either in a SLURM job, rank zero's asks for a requeue of the job
     (:func:`danube.cluster.requeue`, once out of the trainer). A second SIGINT stops at once
     (processes the launcher started are ended with it, so none is left waiting in a
     collective). On several devices the ranks agree on the stop with one all-reduce of a
@@ -139,7 +146,7 @@ class SignalStop(Callback):
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             self._handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _restore(self) -> None:
@@ -183,7 +190,7 @@ class SignalStop(Callback):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         job = cluster.slurm_job_id()
-        requeue = job if stop == signal.SIGUSR1 and job is not None and trainer.is_global_zero else None
+        requeue = job if stop in REQUEUE_SIGNALS and job is not None and trainer.is_global_zero else None
         raise Interrupted(stop, step, self.last_saved, requeue=requeue, resumable=self.resumable)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -136,3 +136,43 @@ def test_a_job_that_may_not_be_requeued_exits_138_and_says_to_submit_again(slurm
     again = _sbatch(slurm, tmp_path / "again.out", *args)
     assert _wait_done(slurm, again)["JobState"] == "COMPLETED"
     _same_weights(two_processes, run_dir)
+
+
+def test_a_sweep_runs_each_job_as_a_slurm_job_and_a_preempted_job_resumes(slurm, data_root, tmp_path):
+    """`train.py -m hydra/launcher=slurm` (submitit): one SLURM job per sweep job, each in its own run directory.
+
+    Job 0 gets submitit's preemption warning (SIGUSR2) after its first checkpoint: it stops at the next
+    optimizer step with a checkpoint, requeues itself and resumes; the sweep ends with both jobs complete.
+    """
+    from danube.sweep import sweep_report
+
+    sweep_dir = tmp_path / "multirun"
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
+           "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "optim.lr=3e-3,1e-2", *SMALL,
+           "data.num_workers=1", "train.checkpoint_every_n_steps=3", f"paths.data_dir={data_root}",
+           f"paths.runs_dir={tmp_path}/runs", f"hydra.sweep.dir={sweep_dir}"]
+    sweep = subprocess.Popen(cmd, cwd=REPO, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = sweep_dir / "0" / "seq64" / "checkpoints" / "step00000003.ckpt"
+    deadline = time.time() + 300
+    while not first.is_file():
+        assert sweep.poll() is None and time.time() < deadline, "job 0 wrote no checkpoint"
+        time.sleep(0.2)
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True).stdout.split()
+    job0 = next(j for j in jobs if j.endswith("_0"))
+    subprocess.run(["scancel", "--signal=USR2", job0], env=slurm, check=True)
+    deadline = time.time() + 600
+    while sweep.poll() is None:  # a requeued job is let start at once (SLURM holds it ~2 minutes)
+        assert time.time() < deadline, "the sweep did not end"
+        info = _job(slurm, job0)
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job0}", "StartTime=now"], env=slurm, capture_output=True)
+        time.sleep(1)
+    out = sweep.communicate()[0]
+    assert sweep.returncode == 0, out[-3000:]
+    logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob(f"{job0}_*_log.*"))
+    assert "stopped by SIGUSR2 at optimizer step" in logs, logs[-3000:]
+    assert "requeued: it resumes from this checkpoint" in logs and "resuming" in logs, logs[-3000:]
+    assert len(list((sweep_dir / "0" / "history").glob("*.yaml"))) == 2  # started, requeued and resumed
+    assert len(list((sweep_dir / "1" / "history").glob("*.yaml"))) == 1
+    found, _ = sweep_report(sweep_dir, tensorboard=False)
+    assert sorted((j.name, j.status) for j in found) == [("0", "complete"), ("1", "complete")]

@@ -6,7 +6,7 @@ import signal
 
 
 def worker_init(worker_id: int) -> None:
-    """Loader workers leave SIGTERM, SIGINT and SIGUSR1 to the training process.
+    """Loader workers leave SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to the training process.
 
     A scheduler that signals the whole process group (SLURM, a terminal's Ctrl-C) would
     otherwise kill the workers first, and the training process would die of "DataLoader
@@ -16,5 +16,5 @@ def worker_init(worker_id: int) -> None:
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
     pl_worker_init_function(worker_id)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # SIGUSR1's default action would end the worker
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):  # USR1/2 would end the worker
         signal.signal(sig, signal.SIG_IGN)
