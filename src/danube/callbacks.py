@@ -54,6 +54,18 @@ class Interrupted(Exception):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
+_AT_ONCE: Interrupted | None = None  # a second Ctrl-C's stop, once asked for
+
+
+def stopped_at_once() -> Interrupted | None:
+    """The stop a second Ctrl-C asked for, if one did.
+
+    Ending the other ranks can make this one fail in a collective ("Connection closed by
+    peer") before the stop's own exception is raised: that failure is this stop.
+    """
+    return _AT_ONCE
+
+
 _LEAVING = False  # a stop was agreed and its checkpoint written: this process is on its way out
 
 
@@ -137,11 +149,13 @@ class SignalStop(Callback):
         """Asked twice: stop where the run is, ending the processes the launcher started with this one."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C must not interrupt the way out
         trainer = self._trainer
+        step, newest = self.newest_kept()
+        global _AT_ONCE
+        _AT_ONCE = Interrupted(signum, step, newest, at_once=True, resumable=self.resumable)
         launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
         if launcher is not None and hasattr(launcher, "procs") and launcher.procs:
             launcher.kill(signal.SIGKILL)
-        step, newest = self.newest_kept()
-        raise Interrupted(signum, step, newest, at_once=True, resumable=self.resumable)
+        raise _AT_ONCE
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():

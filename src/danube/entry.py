@@ -155,7 +155,7 @@ def run_entry_point(script: str, task: Callable[[Any], Any], cfg: Any) -> Any:
 
     logs.setup(verbose=bool(cfg.get("verbose", False)))
     try:
-        return task(cfg)
+        return _stop_as_asked(task, cfg)
     except SIGTERMException:  # Lightning's own SIGTERM stop (fine-tuning), a SystemExit with code 0
         log.warning("%s: stopped by SIGTERM before the end; fine-tuning keeps no checkpoint: run the same command "
                     "again to start it over", script)
@@ -190,6 +190,19 @@ def run_entry_point(script: str, task: Callable[[Any], Any], cfg: Any) -> Any:
               "process or node of the run died or was stopped, its own log says why; launch the run again (every "
               "node) to resume from its newest checkpoint (DANUBE_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _stop_as_asked(task: Callable[[Any], Any], cfg: Any) -> Any:
+    """``task(cfg)``; a collective failing after a second Ctrl-C ended the other ranks is that stop."""
+    from danube.callbacks import stopped_at_once
+
+    try:
+        return task(cfg)
+    except RuntimeError as err:
+        stop = stopped_at_once()
+        if stop is None:
+            raise
+        raise stop from err
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",

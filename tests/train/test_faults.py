@@ -133,7 +133,7 @@ def test_three_sigkills_resume_bit_exactly(straight, data_root, tmp_path):
 @pytest.mark.parametrize("sig, code, group, workers", [
     (signal.SIGTERM, 143, True, 1),   # SLURM: the whole process group, data loader workers included
     (signal.SIGINT, 130, False, 0),   # Ctrl-C on the training process
-    (signal.SIGUSR1, 138, True, 1),   # SLURM's warning (sbatch --signal=USR1@N, scancel --signal=USR1): workers too
+    # SIGUSR1/SIGUSR2, SLURM's and submitit's warnings, to the whole job: tests/train/test_slurm.py, for real
 ])
 def test_preemption_saves_at_a_step_boundary_and_exits_non_zero(straight, data_root, tmp_path, sig, code, group,
                                                                workers):
