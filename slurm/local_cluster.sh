@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A one-machine SLURM cluster (munge + slurmctld + slurmd on localhost), to try danube's SLURM
-# path on a laptop and to test it in CI.
+# A one-machine SLURM cluster (munge, slurmctld and two slurmd on localhost), to try danube's SLURM
+# path on a laptop and to test it in CI, multi-node jobs included.
 #
 #   bash slurm/local_cluster.sh up       # install Debian's packages if missing, write the config, start
 #   bash slurm/local_cluster.sh status   # sinfo
@@ -8,12 +8,19 @@
 #   eval "$(bash slurm/local_cluster.sh env)"   # SLURM_CONF for sbatch/srun/scontrol in this shell
 #
 # Needs root (the daemons run as root here; installing needs apt). Idempotent: `up` on a running
-# cluster checks it and returns. The node is this machine as `slurmd -C` sees it, in one
-# partition `debug`; the state lives in $DANUBE_SLURM_DIR (default /tmp/danube-slurm).
+# cluster checks it and returns. Two nodes, this machine's name (`hostname -s`) and the same with
+# `-node2`, are each this machine as `slurmd -C` sees it (its CPUs are counted twice: jobs here are
+# tests), one slurmd each on its own port, in one partition `debug`. The first node's name
+# resolves, as a job's rank 0 (the rendezvous, the first node of the allocation) needs. The state
+# lives in $DANUBE_SLURM_DIR (default /tmp/danube-slurm).
 set -euo pipefail
 
 DIR=${DANUBE_SLURM_DIR:-/tmp/danube-slurm}
 CONF=$DIR/slurm.conf
+# The nodes' names. Not "localhost": SLURM takes it for this machine's name, and a second node
+# beside it is refused as a duplicate host.
+FIRST=$(hostname -s 2>/dev/null || true)
+SECOND=$FIRST-node2
 
 say() { echo "local_cluster: $*" >&2; }
 
@@ -38,11 +45,11 @@ install() {
 }
 
 write_config() {
-    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+    mkdir -p "$DIR/state" "$DIR/spool-$FIRST" "$DIR/spool-$SECOND" "$DIR/log"
     local node
-    node=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]*/NodeName=localhost/')
+    node=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //')
     cat >"$CONF.tmp" <<EOF
-# Written by danube's slurm/local_cluster.sh: one node, this machine.
+# Written by danube's slurm/local_cluster.sh: two nodes, both this machine.
 ClusterName=danube
 SlurmctldHost=localhost
 SlurmUser=root
@@ -61,17 +68,18 @@ KillWait=10
 InactiveLimit=0
 MinJobAge=300
 SlurmctldPort=6817
-SlurmdPort=6818
+SlurmdParameters=config_overrides
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool-%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
-$node State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+NodeName=$FIRST NodeAddr=127.0.0.1 Port=6818 $node State=UNKNOWN
+NodeName=$SECOND NodeAddr=127.0.0.1 Port=6819 $node State=UNKNOWN
+PartitionName=debug Nodes=$FIRST,$SECOND Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
     mv "$CONF.tmp" "$CONF"
 }
@@ -98,39 +106,52 @@ start_munge() {
 
 wait_idle() {
     for _ in $(seq 1 60); do
-        if SLURM_CONF=$CONF sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+        if [ "$(SLURM_CONF=$CONF sinfo -h -N -o '%t' 2>/dev/null | grep -cE '^(idle|mix|alloc)')" = 2 ]; then
             return
         fi
         sleep 0.5
     done
-    say "the node did not come up; see $DIR/log/slurmctld.log and $DIR/log/slurmd.log"
+    say "the nodes did not come up; see $DIR/log/slurmctld.log and $DIR/log/slurmd-*.log"
     SLURM_CONF=$CONF sinfo >&2 || true
     exit 1
 }
 
 up() {
     need_root
+    if [ -z "$FIRST" ] || [ "$FIRST" = localhost ] || ! getent hosts "$FIRST" >/dev/null; then
+        say "this machine's name '$FIRST' does not resolve (or is localhost); give it a line in /etc/hosts"
+        exit 1
+    fi
     install
     start_munge
-    if running "$DIR/slurmctld.pid" && running "$DIR/slurmd.pid"; then
+    if running "$DIR/slurmctld.pid" && running "$DIR/slurmd-$FIRST.pid" && running "$DIR/slurmd-$SECOND.pid"; then
         wait_idle
         say "already up ($CONF)"
         return
     fi
+    down_daemons  # a half-running cluster (or one of an older config) starts again whole
     write_config
-    running "$DIR/slurmctld.pid" || SLURM_CONF=$CONF slurmctld -f "$CONF"
-    running "$DIR/slurmd.pid" || SLURM_CONF=$CONF slurmd -f "$CONF" -N localhost
+    SLURM_CONF=$CONF slurmctld -f "$CONF"
+    for node in "$FIRST" "$SECOND"; do
+        SLURM_CONF=$CONF slurmd -f "$CONF" -N "$node"
+    done
     wait_idle
-    SLURM_CONF=$CONF scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true
-    say "up: $(SLURM_CONF=$CONF sinfo -h -o '%P %D %t %c CPUs') ($CONF)"
+    SLURM_CONF=$CONF scontrol update nodename="$FIRST,$SECOND" state=resume >/dev/null 2>&1 || true
+    say "up: $(SLURM_CONF=$CONF sinfo -h -o '%P %D nodes %t, %c CPUs each') ($CONF)"
+}
+
+down_daemons() {
+    local pid
+    for pid in "$DIR"/slurmd*.pid "$DIR/slurmctld.pid"; do
+        if running "$pid"; then
+            kill "$(cat "$pid")"
+            for _ in $(seq 1 50); do running "$pid" || break; sleep 0.1; done
+        fi
+    done
 }
 
 down() {
-    for pid in "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; do
-        if running "$pid"; then
-            kill "$(cat "$pid")"
-        fi
-    done
+    down_daemons
     say "down"
 }
 

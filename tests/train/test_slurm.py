@@ -39,7 +39,8 @@ def slurm() -> dict[str, str]:
     up = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
     assert up.returncode == 0, up.stderr
     conf = subprocess.run(["bash", "slurm/local_cluster.sh", "env"], cwd=REPO, capture_output=True, text=True)
-    return {**os.environ, "SLURM_CONF": conf.stdout.strip().split("=", 1)[1], "PYTHONUNBUFFERED": "1"}
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # the scripts' `python` is this one
+    return {**os.environ, "SLURM_CONF": conf.stdout.strip().split("=", 1)[1], "PYTHONUNBUFFERED": "1", "PATH": path}
 
 
 def _sbatch(env: dict, out: Path, *args: str, options: tuple[str, ...] = ()) -> str:
@@ -98,10 +99,24 @@ def test_the_sbatch_script_trains_what_two_local_processes_train(slurm, two_proc
     info = _wait_done(slurm, job)
     text = out.read_text()
     assert info["JobState"] == "COMPLETED", text[-3000:]
-    assert f"danube: job {job} start 1 on localhost: 1 node(s) x 2 task(s)" in text
+    assert re.search(rf"danube: job {job} start 1 on \S+: 1 node\(s\) x 2 task\(s\)", text), text[-3000:]
     assert text.count("train.py done in") == 1  # rank zero reports; the other rank says nothing
     _same_weights(two_processes, run_dir)
     assert not list(tmp_path.rglob("hpc_ckpt*")) and not list(REPO.glob("hpc_ckpt*"))
+
+
+def test_the_sbatch_script_on_two_nodes_trains_what_two_local_processes_train(slurm, two_processes, data_root,
+                                                                             tmp_path):
+    """`sbatch --nodes=2 slurm/train.sbatch ... trainer=multinode`: one task per node, the README's N-node line."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = _sbatch(slurm, out, *ARGS, "trainer=multinode", "trainer.accelerator=cpu", f"paths.data_dir={data_root}",
+                  f"run_dir={run_dir}", options=("--nodes=2", "--ntasks-per-node=1"))
+    info = _wait_done(slurm, job)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert f"danube: job {job} start 1 on " in text and ": 2 node(s) x 1 task(s)" in text
+    assert text.count("train.py done in") == 1  # global rank zero reports, on the first node
+    _same_weights(two_processes, run_dir)
 
 
 def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes_bit_exactly(slurm, two_processes, data_root,
