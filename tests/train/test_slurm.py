@@ -137,6 +137,30 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes_bit_exactly(s
     assert not list(tmp_path.rglob("hpc_ckpt*"))
 
 
+def test_scancel_stops_every_task_at_one_step_with_a_checkpoint_and_a_new_job_resumes(slurm, two_processes,
+                                                                                      data_root, tmp_path):
+    """`scancel` (and the time limit): SIGTERM to every task, SIGKILL after KillWait (10 s here).
+
+    Both ranks stop at the same optimizer step within KillWait, with a checkpoint; the job is
+    cancelled, not requeued; the same sbatch again resumes and ends bit-exact.
+    """
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    args = [*ARGS, "data.num_workers=1", f"paths.data_dir={data_root}", f"run_dir={run_dir}"]
+    job = _sbatch(slurm, out, *args)
+    _wait_for(run_dir / "seq64" / "checkpoints" / "step00000003.ckpt", slurm, job)
+    subprocess.run(["scancel", job], env=slurm, check=True)
+    info = _wait_done(slurm, job)
+    text = out.read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, text[-3000:])
+    assert "stopped by SIGTERM at optimizer step" in text, text[-3000:]
+    step = int(re.search(r"stopped by SIGTERM at optimizer step (\d+)", text).group(1))
+    assert (run_dir / "seq64" / "checkpoints" / f"step{step:08d}.ckpt").is_file()
+    assert "Traceback" not in text and "exited unexpectedly" not in text
+    again = _sbatch(slurm, tmp_path / "again.out", *args)
+    assert _wait_done(slurm, again)["JobState"] == "COMPLETED"
+    _same_weights(two_processes, run_dir)
+
+
 def test_a_job_that_may_not_be_requeued_exits_138_and_says_to_submit_again(slurm, two_processes, data_root,
                                                                         tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
@@ -164,7 +188,7 @@ def test_a_sweep_runs_each_job_as_a_slurm_job_and_a_preempted_job_resumes(slurm,
     sweep_dir = tmp_path / "multirun"
     cmd = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
            "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "optim.lr=3e-3,1e-2", *SMALL,
-           "data.num_workers=1", "train.checkpoint_every_n_steps=3", f"paths.data_dir={data_root}",
+           "recipe.stages=[{name:seq64,seq_len:64,tokens:40960}]", "data.num_workers=1", "train.checkpoint_every_n_steps=3", f"paths.data_dir={data_root}",
            f"paths.runs_dir={tmp_path}/runs", f"hydra.sweep.dir={sweep_dir}"]
     sweep = subprocess.Popen(cmd, cwd=REPO, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = sweep_dir / "0" / "seq64" / "checkpoints" / "step00000003.ckpt"
