@@ -49,11 +49,6 @@ class Interrupted(Exception):
         return 128 + self.signum  # what a shell reports for a process the signal ended
 
 
-# What stops a run at its next optimizer step; the last two are a scheduler's warning before a
-# preemption or the time limit, after which a SLURM job is requeued.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-
 _AT_ONCE: Interrupted | None = None  # a second Ctrl-C's stop, once asked for
 
 
@@ -110,9 +105,9 @@ class SignalStop(Callback):
     SIGUSR1 is SLURM's usual warning before a preemption or the time limit (``sbatch
     --signal=USR1@N``), SIGUSR2 the one submitit asks for (Hydra's ``submitit_slurm``
     launcher, which runs each job of a sweep as a SLURM job). At the first
-    optimizer-step boundary after a signal, :meth:`stopping` writes what the run keeps (this
-    class: nothing; :class:`StepBoundary`: a checkpoint) and :class:`Interrupted` is raised;
-    after either in a SLURM job, rank zero's asks for a requeue of the job
+    optimizer-step boundary after a signal, :meth:`at_boundary` writes what the run keeps
+    (this class: nothing; :class:`StepBoundary`: a checkpoint), then :class:`Interrupted` is
+    raised; after either warning in a SLURM job, rank zero's asks for a requeue of the job
     (:func:`danube.cluster.requeue`, once out of the trainer). A second SIGINT stops at once
     (processes the launcher started are ended with it, so none is left waiting in a
     collective). On several devices the ranks agree on the stop with one all-reduce of a
@@ -160,7 +155,7 @@ class SignalStop(Callback):
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in STOP_SIGNALS:
+        for sig in cluster.STOP_SIGNALS:
             self._handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _restore(self) -> None:
@@ -204,7 +199,7 @@ class SignalStop(Callback):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         job = cluster.slurm_job_id()
-        requeue = job if stop in REQUEUE_SIGNALS and job is not None and trainer.is_global_zero else None
+        requeue = job if stop in cluster.REQUEUE_SIGNALS and job is not None and trainer.is_global_zero else None
         raise Interrupted(stop, step, self.last_saved, requeue=requeue, resumable=self.resumable)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -13,9 +13,17 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 
 log = logging.getLogger(__name__)
+
+# What stops a run at its next optimizer step (:class:`danube.callbacks.SignalStop`), and what
+# every DataLoader worker leaves to it: the last two are a scheduler's warning before a
+# preemption or the time limit (SLURM's usual SIGUSR1, submitit's SIGUSR2), after which a
+# SLURM job is requeued.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def slurm_job_id() -> str | None:

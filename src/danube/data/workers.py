@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+from danube.cluster import STOP_SIGNALS
+
 
 def worker_init(worker_id: int) -> None:
     """Loader workers leave SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to the training process.
@@ -16,5 +18,5 @@ def worker_init(worker_id: int) -> None:
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
     pl_worker_init_function(worker_id)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):  # USR1/2 would end the worker
+    for sig in STOP_SIGNALS:  # SIGUSR1/2's default action would end the worker
         signal.signal(sig, signal.SIG_IGN)
