@@ -20,7 +20,8 @@ from tests.conftest import CONF, REPO
 REQUIRED = {"train": [], "finetune": ["model_dir=/m", "chat_data=messages"], "evaluate": ["model_dir=/m", "tasks=[x]"]}
 
 # Options that compose but do not go together with the script: refused by the schema, naming why.
-REFUSED = {("finetune", "precision", "fp8"): "precision=fp8 is for pretraining"}
+REFUSED = {("finetune", "precision", "fp8"): "precision=fp8 is for pretraining",
+           ("finetune", "trainer", "h100x8_fsdp"): "trainer.strategy=fsdp is for pretraining"}
 
 
 def compose_script(script: str, overrides: list[str]):

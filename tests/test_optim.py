@@ -34,7 +34,7 @@ def test_norms_are_undecayed_everything_else_decayed_fused_on_cpu():
 
 
 def test_norms_are_found_by_module_so_flat_fsdp_views_group_alike():
-    """Under FSDP (use_orig_params) every parameter is 1-D: grouping by p.ndim would decay nothing."""
+    """Under FSDP1 (use_orig_params) every parameter is 1-D: grouping by p.ndim would decay nothing."""
     model = build_model(TINY)
     expected = group_names(model, adamw(model, **KW))
     for module in model.modules():
@@ -42,6 +42,27 @@ def test_norms_are_found_by_module_so_flat_fsdp_views_group_alike():
             setattr(module, name, torch.nn.Parameter(p.detach().flatten()))
     assert all(p.ndim == 1 for p in model.parameters())
     assert group_names(model, adamw(model, **KW)) == expected
+
+
+def test_a_saved_optimizer_state_is_named_through_its_groups_not_the_module_order():
+    """DDP numbers parameters group by group (decayed, then norms), not in module order: FSDP's loader
+    (danube.lit.sharded) names each saved moment after the parameter it belongs to."""
+    from danube.lit.sharded import named_by_group
+
+    model = build_model(TINY)
+    opt = adamw(model, **KW)
+    model(torch.randint(0, 97, (2, 8))).sum().backward()
+    opt.step()
+    named = named_by_group(opt.state_dict(), model, opt)
+    params = dict(model.named_parameters())
+    assert list(named["state"]) != list(params)  # the groups' order is another order
+    for name, state in named["state"].items():
+        assert state["exp_avg"].shape == params[name].shape
+        assert torch.equal(state["exp_avg"], opt.state[params[name]]["exp_avg"])
+    assert [set(g["params"]) for g in named["param_groups"]] == group_names(model, opt)
+    other = torch.optim.AdamW(model.parameters())  # one group
+    with pytest.raises(ValueError, match="parameter groups of .* tensors, this model's .*: it is not a checkpoint"):
+        named_by_group(opt.state_dict(), model, other)
 
 
 def test_frozen_parameters_are_left_out_and_an_empty_no_decay_group_too():

@@ -19,8 +19,9 @@ def adamw(
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model``: norms undecayed, every other parameter decayed.
 
-    The norms are found by module, not by ``p.ndim``: under FSDP (``use_orig_params``) every
-    parameter is a flat 1-D view of its shard by the time the optimizer is built. A peft
+    The norms are found by module, not by ``p.ndim``: a wrapper that flattens parameters
+    (FSDP1's ``use_orig_params``) would otherwise hide them. Under FSDP2 the parameters are
+    DTensors of their whole shapes, sharded over the ranks. A peft
     LoRA model works as is: its frozen base weights are left out, ``lora_A``/``lora_B`` decayed.
 
     Args:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.train.conftest import SMALL, compose_train
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 DDP = ["trainer.devices=2", "trainer.strategy=ddp"]
+FSDP = ["trainer.devices=2", "trainer.strategy=fsdp"]  # FSDP2 on gloo: weights and moments sharded over the ranks
 # debug=fast over the sample's three sources, each stage with its own mixture (Danube2's data stages in small).
 MIXED = ["data=sample_sources",
          "recipe.stages=[{name:seq64,seq_len:64,tokens:40960,weights:{code:0.8,docstrings:0.1,topics:0.1}},"
@@ -140,18 +142,30 @@ def test_one_and_two_processes_train_the_same_model(one_process, data_root, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first, then", [(DDP, []), ([], DDP)], ids=["2->1", "1->2"])
-def test_a_run_resumes_on_another_number_of_processes(one_process, data_root, tmp_path, first, then):
+@pytest.mark.parametrize("first, then", [(FSDP, []), ([], FSDP)], ids=["fsdp2->1", "1->fsdp2"])
+def test_a_run_resumes_on_another_number_of_processes_and_strategy(one_process, data_root, tmp_path, first, then):
+    """A checkpoint moves between world sizes and between DDP's layout and FSDP's shards.
+
+    FSDP writes its checkpoints whole, as DDP does; a one-process run resumes an FSDP one and
+    the other way round, and the second stage under FSDP starts from the first's moments.
+    Misplaced moments (the parameter groups numbered in another order) would not end here.
+    """
     run_dir = tmp_path / "run"
     _train_py(run_dir, data_root, "train.max_steps=5", *first)
     out = _train_py(run_dir, data_root, *then)
     assert "micro-batches per step (the checkpoint:" in out.stdout + out.stderr
+    if then:  # sharded: each of the two ranks holds half of every block and of the rest
+        held = re.search(r"FSDP2: 3 units over 2 ranks; this rank holds ([\d,]+) of ([\d,]+) parameters",
+                         out.stdout + out.stderr)
+        here, whole = (int(n.replace(",", "")) for n in held.groups())
+        assert here == whole // 2
     history = sorted((run_dir / "history").glob("*.yaml"))
     assert "trainer.devices" in history[-1].read_text()  # the change is on record
     assert _steps(run_dir) == _steps(one_process)
     assert _rel_l2(one_process, run_dir) < 1e-3
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["trainer"]["devices"] == (2 if then else 1)
+    assert config["trainer"]["strategy"] == ("fsdp" if then else "auto")
     positions = read_rows(run_dir / "seq128" / "data" / StepRecord.POSITIONS)
     assert json.dumps(positions[-1]["order"]) == json.dumps(_final_position(one_process))
 

@@ -30,7 +30,7 @@ def refusal(precision: str, trainer: str) -> str | None:
     if precision.startswith("fp8") and trainer == "cpu":
         return "precision=fp8 runs on GPUs"
     if precision == "fp8-te" and "fsdp" in trainer:
-        return "backend te and an FSDP strategy is not supported"
+        return "backend te and trainer.strategy=fsdp is not supported"
     return None
 
 

@@ -19,8 +19,9 @@ class TrainerConfig:
     accelerator: str = setting("cpu", "where the run computes", choices=ACCELERATORS)
     devices: Any = setting(1, "devices per node: a positive integer, or auto (every visible GPU)")
     num_nodes: int = setting(1, "machines, each with `devices` devices", min=1)
-    strategy: str = setting("auto", "how devices share the work (fsdp: full sharding, one wrap unit per block)",
-                            choices=STRATEGIES)
+    strategy: str = setting(
+        "auto", "how devices share the work (fsdp: FSDP2, full sharding, one unit per block; runs on CPU too)",
+        choices=STRATEGIES)
     collective_timeout_s: int = setting(
         1800, "seconds a rank waits in a collective before it gives up: how long the others go on after a rank or "
         "node died where the backend cannot tell (NCCL); gloo notices a closed connection at once", min=10)

@@ -152,3 +152,7 @@ class FinetuneConfig:
                                  f"allowed with loss={self.loss.name}: {', '.join(allowed)}")
         if self.precision.fp8:
             raise ValueError("precision=fp8 is for pretraining; fine-tune with precision=bf16 (or fp32)")
+        if self.trainer.strategy == "fsdp":
+            raise ValueError("trainer.strategy=fsdp is for pretraining; fine-tuning replicates the model on "
+                             "every device (trainer.strategy=ddp or auto): a 1.8B model with its AdamW state "
+                             "fits one 80 GB GPU")

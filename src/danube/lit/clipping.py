@@ -27,14 +27,10 @@ class ClipsGradients(L.LightningModule):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradients so that their global norm is at most ``max_norm``; returns the norm before.
 
-        Under FSDP each rank holds a shard of every gradient: the root wrapper's own
-        ``clip_grad_norm_`` reduces the norm over all of them. Elsewhere torch's, which uses
-        the multi-tensor (foreach) kernels on CUDA. No host sync: the norm stays on the device.
+        torch's, which uses the multi-tensor (foreach) kernels on CUDA. Under FSDP2 each rank
+        holds a shard of every gradient (a DTensor) and the norm it computes is reduced over
+        all of them. No host sync: the norm stays on the device.
         """
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        root = self.trainer.strategy.model if self._trainer is not None else None
-        if isinstance(root, FullyShardedDataParallel):
-            return root.clip_grad_norm_(max_norm)
         grads = [p for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

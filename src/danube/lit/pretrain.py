@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from danube.lit.clipping import ClipsGradients
+from danube.lit.sharded import load_full_state
 from danube.losses import chunked_cross_entropy
 from danube.model import Danube, DanubeConfig, build_model
+from danube.model.sharding import shard_model
 from danube.model.transformer import linear_no_bias
 from danube.optim import adamw
 from danube.config import OptimConfig
@@ -111,11 +113,14 @@ class PretrainModule(ClipsGradients):
         if self.hparams.compile:
             for layer in self.model.model.layers:
                 layer.compile()  # in place: parameter names (and checkpoints) stay the same
+        mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy (trainer.strategy=fsdp)
+        if mesh is not None:
+            shard_model(self.model, mesh["data_parallel"])
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
         with fp8_autocast(self.fp8, self.precision):
-            hidden = self.model.model(tokens[:, :-1])  # (B, T, C)
+            hidden = self.model(tokens[:, :-1], hidden=True)  # (B, T, C)
         return chunked_cross_entropy(hidden, self.model.lm_head.weight, tokens[:, 1:], self.hparams.loss_chunk_tokens)
 
     # -- optimisation --------------------------------------------------------------------
@@ -309,9 +314,7 @@ class PretrainModule(ClipsGradients):
 
         ckpt = load_checkpoint(path)
         self._check_tokenizer(ckpt, f"the previous stage's checkpoint {path}")
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-        self.model.load_state_dict(state, strict=True)
-        self.trainer.optimizers[0].load_state_dict(ckpt["optimizer_states"][0])
+        load_full_state(self, self.trainer.optimizers[0], ckpt["state_dict"], ckpt["optimizer_states"][0])
         self._restore_counters(ckpt)
         log.info("started from %s at %s tokens", path, f"{self.tokens_seen:,}")
 

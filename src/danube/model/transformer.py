@@ -202,8 +202,16 @@ class Danube(nn.Module):
         position_ids: Tensor | None = None,
         segment_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        hidden: bool = False,
     ) -> Tensor:
-        return self.lm_head(self.model(input_ids, position_ids, segment_ids, cache))
+        """Logits ``(B, T, vocab)``; with ``hidden``, the final hidden states ``(B, T, C)`` instead.
+
+        Training computes its loss from the hidden states and ``lm_head.weight`` in chunks
+        (:func:`danube.losses.chunked_cross_entropy`). It still goes through this method, so that
+        a sharded model (FSDP2: :mod:`danube.model.sharding`) gathers its root parameters here.
+        """
+        out = self.model(input_ids, position_ids, segment_ids, cache)
+        return out if hidden else self.lm_head(out)
 
     @torch.no_grad()
     def init_weights(self) -> None:

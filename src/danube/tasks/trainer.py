@@ -33,7 +33,8 @@ def check_hardware(trainer: TrainerConfig, precision: PrecisionConfig) -> None:
             raise ValueError(f"precision=fp8 runs on GPUs; trainer.accelerator={trainer.accelerator} "
                              "(use trainer=h100x1 or h100x8, or precision=bf16)")
         if precision.backend == "te" and trainer.strategy == "fsdp":
-            raise ValueError("precision=fp8 with backend te and an FSDP strategy is not supported; "
+            raise ValueError("precision=fp8 with backend te and trainer.strategy=fsdp is not supported "
+                             "(Transformer Engine's layers under FSDP2 sharding are untested); "
                              "use trainer=h100x8 (DDP) or precision.backend=torchao")
     if trainer.on_gpu:
         if not torch.cuda.is_available():
@@ -86,19 +87,16 @@ def measured_matmul_flops(k: int = 1024, n: int = 1024, m: int | None = None, re
 
 
 def strategy(trainer: TrainerConfig):
-    """Lightning's strategy for ``trainer.strategy`` (FSDP: full sharding, one wrap unit per block).
+    """Lightning's strategy for ``trainer.strategy`` (fsdp: FSDP2, :mod:`danube.lit.sharded`).
 
     Every distributed strategy waits ``trainer.collective_timeout_s`` in a collective, not
     Lightning's default of 30 minutes, so a rank whose peer died stops in a known time.
     """
     timeout = datetime.timedelta(seconds=trainer.collective_timeout_s)
     if trainer.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from danube.lit.sharded import ShardedDataParallel  # FSDP2: runs on CPU (gloo) as on GPUs
 
-        from danube.model.transformer import Block
-
-        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full",
-                            timeout=timeout)
+        return ShardedDataParallel(trainer.world_size, timeout)
     if trainer.strategy in ("ddp", "ddp_spawn") or (trainer.strategy == "auto" and trainer.world_size > 1):
         from lightning.pytorch.strategies import DDPStrategy
 
