@@ -1,10 +1,12 @@
-"""Preparation: megabytes of text per second into token shards with ``danube.data.prepare.prepare``.
+"""Preparation: megabytes of text per second into token shards with ``danube prepare`` (the datatrove pipeline).
 
 Input is the embedded sample corpus (``data/sample/corpus.jsonl``, built on first use as
 ``python train.py`` does) written ``--copies`` times into a temporary folder, as JSONL and
 as plain text (documents separated by blank lines), tokenized with the sample's 4,096-piece
-SentencePiece model. MB/s counts input bytes over the whole call (planning, tokenizing,
-writing shards and manifest).
+SentencePiece model. MB/s counts input bytes over the whole call (planning, the tasks,
+the merge, the manifest). The reference row is the tokenizer alone: SentencePiece encoding
+the same documents on one core, nothing read or written; ``x 1 worker`` and ``x encode``
+compare each run with one worker and with that reference.
 
     python bench/prepare.py                 # 4 copies (~21 MB), 1 and 2 workers, jsonl and txt
     python bench/prepare.py --quick         # 1 copy, jsonl, < 1 minute (prints only)
@@ -45,6 +47,22 @@ def make_inputs(corpus: Path, folder: Path, copies: int, fmt: str) -> list[Path]
     return files
 
 
+def encode_speed(corpus: Path, tokenizer: Path, copies: int, repeats: int) -> float:
+    """MB/s of SentencePiece alone on one core over the corpus's documents (``copies`` times), in batches."""
+    from danube.data.tokenizer import Tokenizer
+
+    sp = Tokenizer(tokenizer).sp
+    docs = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()] * copies
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, len(docs), 512):
+            sp.encode(docs[i:i + 512], num_threads=1)
+        seconds.append(time.perf_counter() - start)
+    return mb / benchlib.median(seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=os.environ.get("DANUBE_HOME", ".") + "/data/sample",
@@ -63,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer, _ = ensure_sample_data(args.data_root, vocab_size=4096)
     corpus = Path(args.data_root) / CORPUS
-    header = ["format", "input MB", "workers", "seconds", "MB/s", "tokens", "tokens/s"]
+    header = ["format", "input MB", "workers", "seconds", "MB/s", "tokens", "tokens/s", "x 1 worker", "x encode"]
     rows, best = [], 0.0
+    encode_mb_s = encode_speed(corpus, tokenizer, args.copies, args.repeats)
+    rows.append(["SentencePiece encode only, 1 core", "", 1, "", f"{encode_mb_s:.2f}", "", "", "", "1.00"])
+    one_worker: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="danube-bench-prepare-"))
     try:
         for fmt, workers in itertools.product(args.format, args.workers):
@@ -83,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out)
             s = benchlib.median(seconds)
             best = max(best, mb / s)
-            rows.append([fmt, f"{mb:.1f}", workers, f"{s:.2f}", f"{mb / s:.2f}", f"{tokens:,}", f"{tokens / s:,.0f}"])
+            if workers == 1:
+                one_worker[fmt] = mb / s
+            scale = f"{mb / s / one_worker[fmt]:.2f}" if fmt in one_worker else ""
+            rows.append([fmt, f"{mb:.1f}", workers, f"{s:.2f}", f"{mb / s:.2f}", f"{tokens:,}", f"{tokens / s:,.0f}",
+                         scale, f"{mb / s / encode_mb_s:.2f}"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     note = (f"Input: the embedded sample corpus x{args.copies}, "
-            f"4,096-piece SentencePiece tokenizer. Median of {args.repeats} runs of the whole `prepare` call.\n")
+            f"4,096-piece SentencePiece tokenizer. Median of {args.repeats} runs of the whole `prepare` call "
+            "(datatrove pipeline: tasks, merge, manifest). Each task encodes on one core, so workers scale "
+            "with cores; `x encode` is the pipeline against SentencePiece alone on one core.\n")
     benchlib.publish("prepare_quick" if args.quick else "prepare", "Preparing shards", header, rows, note,
                      write=benchlib.should_write(args))
     print(f"mb_per_sec={best:.2f}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,3 +121,39 @@ def llama2_style_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tok_llama2")
     (root / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n2024 1234567 3.14159\n    indented\tand tabbed\n")
     return train_tokenizer([root / "corpus.txt"], root / "llama2_style.model", vocab_size=1000, add_dummy_prefix=True)
+
+
+# -- the local SLURM cluster (tests/train/test_slurm.py, tests/data/test_corpus.py) ------------------
+@pytest.fixture(scope="session")
+def slurm() -> dict[str, str]:
+    """The environment for sbatch/squeue/scontrol of the one-machine SLURM cluster (slurm/local_cluster.sh:
+    up, or brought up here; both need root, and apt-get when the packages are missing)."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs its daemons as root (slurm/local_cluster.sh); not root here")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and there is no apt-get to install it (Debian: slurm-wlm munge)")
+    up = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
+    conf = subprocess.run(["bash", "slurm/local_cluster.sh", "env"], cwd=REPO, capture_output=True, text=True)
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # the scripts' `python` is this one
+    return {**os.environ, "SLURM_CONF": conf.stdout.strip().split("=", 1)[1], "PYTHONUNBUFFERED": "1", "PATH": path}
+
+
+def slurm_job(env: dict, job: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def wait_slurm_job(env: dict, job: str, timeout: float = 600) -> dict[str, str]:
+    """Wait for the job to end; a requeued job is let start at once (SLURM holds it ~2 minutes)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = slurm_job(env, job)
+        state = info.get("JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        if state == "PENDING" and info.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env)
+    raise AssertionError(f"SLURM job {job} did not end in {timeout} s: {slurm_job(env, job)}")

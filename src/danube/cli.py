@@ -26,7 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("danube.eval.console:generate_main", "continue a prompt with a base model (greedy or sampled)"),
     "chat-sample": ("danube.data.chat_sample:chat_sample_main",
                     "write small SFT, preference and Oasst2 files (made here, no download) and an eval task"),
-    "prepare": ("danube.data.prepare:prepare_main", "tokenize text/jsonl/parquet files into pretraining shards"),
+    "prepare": ("danube.corpus.prepare:prepare_main", "tokenize txt/jsonl(.gz,.zst)/parquet files or URLs into pretraining "
+                "shards: a resumable datatrove pipeline, local or on SLURM"),
     "data-report": ("danube.data.data_report:data_report_main",
                     "what a pretraining run read of each source: tokens read once, twice, never, per stage"),
     "quality": ("danube.data.quality.cli:quality_main", "filter jsonl documents: heuristic rules, GBM and transformer classifiers"),

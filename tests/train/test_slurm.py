@@ -8,9 +8,7 @@ both need root, and apt-get when the packages are missing. The jobs are the READ
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
+from tests.conftest import slurm_job as _job
+from tests.conftest import wait_slurm_job as _wait_done
 from tests.train.conftest import SMALL
 
 pytestmark = pytest.mark.slow
@@ -29,44 +29,10 @@ CPU = ["--ntasks-per-node=2", "--gpus-per-node=0"]
 ARGS = [*SMALL, "trainer.accelerator=cpu", "trainer.strategy=ddp", "train.checkpoint_every_n_steps=3"]
 
 
-@pytest.fixture(scope="session")
-def slurm() -> dict[str, str]:
-    """The environment for sbatch/squeue/scontrol of the local cluster (up, or brought up here)."""
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster runs its daemons as root (slurm/local_cluster.sh); not root here")
-    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
-        pytest.skip("SLURM is not installed and there is no apt-get to install it (Debian: slurm-wlm munge)")
-    up = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
-    assert up.returncode == 0, up.stderr
-    conf = subprocess.run(["bash", "slurm/local_cluster.sh", "env"], cwd=REPO, capture_output=True, text=True)
-    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # the scripts' `python` is this one
-    return {**os.environ, "SLURM_CONF": conf.stdout.strip().split("=", 1)[1], "PYTHONUNBUFFERED": "1", "PATH": path}
-
-
 def _sbatch(env: dict, out: Path, *args: str, options: tuple[str, ...] = ()) -> str:
     sub = subprocess.run(["sbatch", "--parsable", *CPU, *options, f"--output={out}", "slurm/train.sbatch", *args],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return sub.stdout.strip().split(";")[0]
-
-
-def _job(env: dict, job: str) -> dict[str, str]:
-    text = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", text))
-
-
-def _wait_done(env: dict, job: str, timeout: float = 600) -> dict[str, str]:
-    """Wait for the job to end; a requeued job is let start at once (SLURM holds it ~2 minutes)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = _job(env, job)
-        state = info.get("JobState")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return info
-        if state == "PENDING" and info.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
-        time.sleep(1)
-    subprocess.run(["scancel", job], env=env)
-    raise AssertionError(f"SLURM job {job} did not end in {timeout} s: {_job(env, job)}")
 
 
 def _wait_for(path: Path, env: dict, job: str, timeout: float = 300) -> None:
