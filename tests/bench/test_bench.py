@@ -84,6 +84,12 @@ def test_prepare_reports_megabytes_per_second(tmp_path):
     assert re.fullmatch(r"mb_per_sec=\d+\.\d+", last_line(proc))
 
 
+def test_encode_compares_both_libraries_on_the_same_ids(tmp_path):
+    proc = run("encode.py", "--quick", "--repeats", "1", "--no-write", "--data-root", str(tmp_path / "sample"))
+    rows = [line for line in proc.stdout.splitlines() if " tokenizers " in line]
+    assert len(rows) == 2 and all(re.search(r" (\d+)/\1 ", row) for row in rows)  # every document: the same ids
+
+
 def test_a_section_is_replaced_and_the_others_kept(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import benchlib
