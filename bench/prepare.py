@@ -63,6 +63,44 @@ def encode_speed(corpus: Path, tokenizer: Path, copies: int, repeats: int) -> fl
     return mb / benchlib.median(seconds)
 
 
+class _JsonlFiles:
+    """A minimal datatrove reader (a callable step): task ``rank`` reads files ``rank::world_size``.
+
+    (datatrove's own JsonlReader needs orjson, which danube does not install.)
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = [str(f) for f in files]
+
+    def __call__(self, data, rank: int = 0, world_size: int = 1):
+        from datatrove.data import Document
+
+        for path in self.files[rank::world_size]:
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    yield Document(text=json.loads(line)["text"], id=f"{path}:{i}")
+
+
+def datatrove_tokenize(files: list[Path], tokenizer: Path, out: Path, workers: int) -> int:
+    """datatrove's own DocumentTokenizer (Hugging Face ``tokenizers``, danube's exported pipeline for
+    ``tokenizer``) over ``files``, one task per file; returns the tokens written."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per task, as danube's tasks
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.tokens import DocumentTokenizer
+
+    from danube.data.tokenizer import Tokenizer, hf_backend
+
+    tok = Tokenizer(tokenizer)
+    out.mkdir(parents=True)
+    hf_backend(tok).save(str(out / "tokenizer.json"))
+    pipeline = [_JsonlFiles(files), DocumentTokenizer(str(out / "ds"), str(out / "tokenizer.json"),
+                                                      eos_token=tok.sp.id_to_piece(tok.eos_id),
+                                                      shuffle_documents=False)]
+    LocalPipelineExecutor(pipeline, tasks=len(files), workers=workers, logging_dir=str(out / "logs"),
+                          start_method="fork").run()
+    return sum((p.stat().st_size for p in (out / "ds").glob("*.ds")), 0) // 2  # uint16 tokens
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=os.environ.get("DANUBE_HOME", ".") + "/data/sample",
@@ -109,6 +147,19 @@ def main(argv: list[str] | None = None) -> int:
             scale = f"{mb / s / one_worker[fmt]:.2f}" if fmt in one_worker else ""
             rows.append([fmt, f"{mb:.1f}", workers, f"{s:.2f}", f"{mb / s:.2f}", f"{tokens:,}", f"{tokens / s:,.0f}",
                          scale, f"{mb / s / encode_mb_s:.2f}"])
+        if not args.quick:  # the engine's own tokenize step on the same jsonl, as a reference
+            folder = work / "in-jsonl"
+            mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+            for workers in args.workers:
+                seconds, tokens = [], 0
+                for r in range(args.repeats):
+                    start = time.perf_counter()
+                    tokens = datatrove_tokenize(sorted(folder.iterdir()), tokenizer, work / f"dt-{workers}-{r}", workers)
+                    seconds.append(time.perf_counter() - start)
+                    shutil.rmtree(work / f"dt-{workers}-{r}")
+                s = benchlib.median(seconds)
+                rows.append(["jsonl: datatrove's DocumentTokenizer (tokenizers)", f"{mb:.1f}", workers, f"{s:.2f}",
+                             f"{mb / s:.2f}", f"{tokens:,}", f"{tokens / s:,.0f}", "", f"{mb / s / encode_mb_s:.2f}"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     note = (f"Input: the embedded sample corpus x{args.copies}, "
