@@ -126,7 +126,7 @@ def test_malformed_line_names_file_and_line_and_writes_nothing(tmp_path, capsys)
     src.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     assert main(["quality", "filter", str(src), "-o", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"{src}:2: a document record needs ['text']; missing ['text']" in err
+    assert f"{src}:2: no 'text' field (keys: body)" in err
     assert not out.exists()
 
 
@@ -193,3 +193,68 @@ def test_readme_demo_on_the_projects_own_data(tmp_path, sp_model, capsys):
     assert sum(t not in good for t in kept) <= 0.05 * len(good)
     assert len(kept) + len(rejected) == 300
     assert read_manifest(d / "shards")["totals"]["train"]["documents"] > 0
+
+
+# -- the filter as a datatrove pipeline: sharded outputs, tasks, SLURM -------------------------------
+def _zst_records(directory):
+    import zstandard
+
+    out = []
+    for part in sorted(directory.glob("part-*.jsonl.zst")):
+        data = zstandard.ZstdDecompressor().stream_reader(part.open("rb")).read()
+        out += [json.loads(line) for line in data.decode().splitlines()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(tmp_path_factory):
+    """Clean and junk documents over three files, one of them .jsonl.zst."""
+    import zstandard
+
+    root = tmp_path_factory.mktemp("mixed")
+    docs = [d for pair in zip(clean_docs(30), junk_docs(30, seed=3, kinds=JUNK)) for d in pair]
+    _jsonl(root / "a.jsonl", docs[:20])
+    _jsonl(root / "b.jsonl", docs[20:40])
+    (root / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": d, "id": 40 + i}) + "\n" for i, d in enumerate(docs[40:])).encode()))
+    return root
+
+
+def test_a_directory_output_holds_one_part_per_task_whatever_the_workers(mixed_inputs, tmp_path):
+    single = tmp_path / "kept.jsonl"
+    r1 = filter_documents([mixed_inputs], single, rules=HeuristicRules(), rejected=tmp_path / "rej.jsonl", tasks=3)
+    parts = {}
+    for workers in (1, 2):
+        out = tmp_path / f"dir{workers}"
+        report = filter_documents([mixed_inputs], out, rules=HeuristicRules(), tasks=3, num_workers=workers)
+        parts[workers] = {p.name: p.read_bytes() for p in sorted(out.rglob("*.zst"))}
+        assert report["layers"] == r1["layers"] and report["kept"] == r1["kept"]
+        assert json.loads((out / "quality.json").read_text())["pipeline"]["tasks"] == 3
+    assert parts[1] == parts[2] and len([n for n in parts[1] if n.startswith("part-")]) > 2
+    kept = _zst_records(tmp_path / "dir1" / "kept")
+    assert kept == _read(single)  # the parts, in task order, are the single file
+    assert _zst_records(tmp_path / "dir1" / "rejected") == _read(tmp_path / "rej.jsonl")
+    assert 0 < len(kept) < 60 and r1["input"]["documents"] == 60
+    assert all(r["quality"]["kept"] for r in kept) and {r["id"] for r in kept} < set(range(60))
+    assert not (tmp_path / "dir1.partial").exists()
+
+
+@pytest.mark.slow
+def test_the_filter_on_the_slurm_cluster_writes_the_parts_of_the_local_run(slurm, mixed_inputs, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, wait_slurm_job
+
+    filter_documents([mixed_inputs], tmp_path / "local", rules=HeuristicRules(), tasks=3)
+    cmd = [sys.executable, "-m", "danube.cli", "quality", "filter", str(mixed_inputs), "-o", str(tmp_path / "cluster"),
+           "--tasks", "3", "--executor", "slurm", "--partition", "debug", "--time", "10:00"]
+    sub = subprocess.run(cmd, cwd=REPO, env=slurm, capture_output=True, text=True)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    tasks_job, merge_job = re.search(r"submitted SLURM job (\d+) \(the tasks\) and (\d+)", sub.stdout).groups()
+    assert wait_slurm_job(slurm, merge_job)["JobState"] == "COMPLETED"
+    for kind in ("kept", "rejected"):
+        assert _zst_records(tmp_path / "cluster" / kind) == _zst_records(tmp_path / "local" / kind)
+    local, cluster = (json.loads((tmp_path / d / "quality.json").read_text()) for d in ("local", "cluster"))
+    assert cluster["layers"] == local["layers"] and cluster["kept"] == local["kept"]

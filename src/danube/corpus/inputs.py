@@ -21,7 +21,7 @@ import re
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 COMPRESSION = {".jsonl.gz": "gzip", ".jsonl.zst": "zstd"}
@@ -192,24 +192,32 @@ def _line_of(name: str, offset: int) -> int:
         return f.read(offset).count(b"\n") + 1
 
 
-def parse_json_line(line: bytes, text_field: str, where) -> tuple[str | None, str | None]:
-    """``(text, None)`` for a good record (``""`` for a blank line), ``(None, "WHERE: what")`` for a bad one."""
+class Read(NamedTuple):
+    """One record of an input: its text, or what is wrong with it; the whole record when asked for."""
+
+    text: str | None
+    error: str | None = None
+    record: dict | None = None
+
+
+def parse_json_line(line: bytes, text_field: str, where, records: bool = False) -> Read:
+    """The text of a good record (``""`` for a blank line), or ``"WHERE: what"`` of a bad one."""
     if not line.strip():
-        return "", None  # a blank line is an empty document: counted, not an error
+        return Read("", record={text_field: ""} if records else None)  # an empty document: counted, not an error
     try:
         record = json.loads(line)
     except UnicodeDecodeError as err:
-        return None, f"{where()}: not valid UTF-8 ({err.reason} at byte {err.start})"
+        return Read(None, f"{where()}: not valid UTF-8 ({err.reason} at byte {err.start})")
     except json.JSONDecodeError as err:
-        return None, f"{where()}: not valid JSON ({err})"
+        return Read(None, f"{where()}: not valid JSON ({err})")
     if not isinstance(record, dict):
-        return None, f"{where()}: expected a JSON object, got {type(record).__name__}"
+        return Read(None, f"{where()}: expected a JSON object, got {type(record).__name__}")
     if text_field not in record:
-        return None, f"{where()}: no {text_field!r} field (keys: {', '.join(map(str, list(record)[:10]))})"
+        return Read(None, f"{where()}: no {text_field!r} field (keys: {', '.join(map(str, list(record)[:10]))})")
     text = record[text_field]
     if not isinstance(text, str):
-        return None, f"{where()}: {text_field!r} is {type(text).__name__}, not a string"
-    return text, None
+        return Read(None, f"{where()}: {text_field!r} is {type(text).__name__}, not a string")
+    return Read(text, record=record if records else None)
 
 
 def _compressed_errors() -> tuple[type[BaseException], ...]:
@@ -238,8 +246,9 @@ def _decompressed(raw, what: str, name: str):
     return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
 
 
-def read_unit(unit: Unit, text_field: str) -> Iterator[tuple[str | None, str | None]]:
-    """Yield ``(text, None)`` per document or ``(None, "FILE:LINE: what is wrong")`` per bad record, streaming."""
+def read_unit(unit: Unit, text_field: str, records: bool = False) -> Iterator[Read]:
+    """A :class:`Read` per document (with ``records``: the whole record too) or per bad record
+    (``"FILE:LINE: what is wrong"``), streaming."""
     fs, path = _filesystem(unit.path)
     if unit.kind == ".parquet":
         import pyarrow.parquet as pq
@@ -249,11 +258,13 @@ def read_unit(unit: Unit, text_field: str) -> Iterator[tuple[str | None, str | N
             row = unit.first_row
             for g in unit.row_groups:
                 try:
-                    column = pf.read_row_group(g, columns=[text_field]).column(text_field)
+                    table = pf.read_row_group(g, columns=None if records else [text_field])
                 except Exception as err:
                     raise BadRecord(f"{unit.path}: row group {g} (rows from {row}): unreadable: {err}") from err
-                for text in column.to_pylist():
-                    yield (None, f"{unit.path}: row {row}: {text_field!r} is null") if text is None else (text, None)
+                rows = table.to_pylist() if records else [None] * table.num_rows
+                for text, record in zip(table.column(text_field).to_pylist(), rows):
+                    yield Read(None, f"{unit.path}: row {row}: {text_field!r} is null") if text is None \
+                        else Read(text, record=record)
                     row += 1
         return
     if unit.kind in COMPRESSION:
@@ -261,7 +272,7 @@ def read_unit(unit: Unit, text_field: str) -> Iterator[tuple[str | None, str | N
         try:
             with fs.open(path, "rb") as raw, _decompressed(raw, what, unit.path) as f:
                 for lineno, line in enumerate(f, 1):
-                    yield parse_json_line(line, text_field, lambda: f"{unit.path}:{lineno}")
+                    yield parse_json_line(line, text_field, lambda: f"{unit.path}:{lineno}", records)
         except _compressed_errors() as err:
             raise BadRecord(f"{unit.path}: corrupt {what} file ({err})") from err
         return
@@ -273,7 +284,7 @@ def read_unit(unit: Unit, text_field: str) -> Iterator[tuple[str | None, str | N
         for line in data.splitlines(keepends=True):
             offset = unit.start + pos
             pos += len(line)
-            yield parse_json_line(line, text_field, lambda: f"{unit.path}:{_line_of(unit.path, offset)}")
+            yield parse_json_line(line, text_field, lambda: f"{unit.path}:{_line_of(unit.path, offset)}", records)
         return
     # .txt: documents are runs of non-blank lines.
     doc: list[str] = []
@@ -284,12 +295,17 @@ def read_unit(unit: Unit, text_field: str) -> Iterator[tuple[str | None, str | N
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            yield None, f"{unit.path}:{_line_of(unit.path, offset)}: not valid UTF-8 ({err.reason} at byte {err.start})"
+            yield Read(None, f"{unit.path}:{_line_of(unit.path, offset)}: not valid UTF-8 ({err.reason} at byte {err.start})")
             continue
         if text.strip():
             doc.append(text)
         elif doc:
-            yield "".join(doc).rstrip("\r\n"), None
+            yield _txt_doc(doc, text_field, records)
             doc = []
     if doc:
-        yield "".join(doc).rstrip("\r\n"), None
+        yield _txt_doc(doc, text_field, records)
+
+
+def _txt_doc(lines: list[str], text_field: str, records: bool) -> Read:
+    text = "".join(lines).rstrip("\r\n")
+    return Read(text, record={text_field: text} if records else None)

@@ -43,7 +43,7 @@ def work_dir_of(output_dir: Path) -> Path:
     return output_dir.with_name(output_dir.name + ".partial")
 
 
-def _quiet_datatrove(verbose: bool) -> None:
+def quiet_datatrove(verbose: bool) -> None:
     """datatrove logs through loguru, every task's INFO lines on stderr: keep the console to warnings."""
     import datatrove.utils.logging  # noqa: F401  (its import installs datatrove's console handler: first)
     from loguru import logger
@@ -52,7 +52,7 @@ def _quiet_datatrove(verbose: bool) -> None:
     logger.add(sys.stderr, level="INFO" if verbose else "WARNING", format="{time:HH:mm:ss} {level} datatrove: {message}")
 
 
-def _local_executor(pipeline, tasks: int, workers: int, logging_dir: Path, verbose: bool):
+def local_executor(pipeline, tasks: int, workers: int, logging_dir: Path, verbose: bool):
     import multiprocessing
 
     from datatrove.executor import LocalPipelineExecutor
@@ -64,7 +64,7 @@ def _local_executor(pipeline, tasks: int, workers: int, logging_dir: Path, verbo
             try:
                 return super()._run_for_rank(rank, local_rank if verbose else 1, node_rank)
             finally:
-                _quiet_datatrove(verbose)  # a task run in this process left its own console handler
+                quiet_datatrove(verbose)  # a task run in this process left its own console handler
 
     import litdata.streaming.writer  # noqa: F401  (imported once here, not in every forked worker: ~4 s each)
 
@@ -73,7 +73,7 @@ def _local_executor(pipeline, tasks: int, workers: int, logging_dir: Path, verbo
                  start_method=method, skip_completed=True)
 
 
-def _forget_unfinished(work: Path, tasks: int) -> int:
+def forget_unfinished(work: Path, tasks: int) -> int:
     """Drop datatrove's completion record of every task whose shards are not committed; count the committed."""
     done = 0
     for rank in range(tasks):
@@ -85,7 +85,7 @@ def _forget_unfinished(work: Path, tasks: int) -> int:
     return done
 
 
-def _make_plan(work: Path, key: dict, files: list[str], text_field: str, tasks: int | None, **run) -> dict:
+def make_plan(work: Path, key: dict, files: list[str], text_field: str, tasks: int | None, **run) -> dict:
     from danube.corpus.inputs import Unit
 
     total = sum(f["size"] for f in key["inputs"].values())
@@ -100,6 +100,26 @@ def _make_plan(work: Path, key: dict, files: list[str], text_field: str, tasks: 
     work.mkdir(parents=True)
     atomic_write_text(work / PLAN, json.dumps(plan, indent=1) + "\n")
     return plan
+
+
+def open_plan(work: Path, key: dict, files: list[str], text_field: str, tasks: int | None, **run) -> dict:
+    """The plan of an unfinished run with the same ``key`` (inputs and settings) in ``work``, or a new one."""
+    if (work / PLAN).is_file():
+        plan = load_plan(work)
+        if same_run(plan, key):
+            return plan
+        log.warning("%s: the inputs or settings changed since that unfinished run; starting it over", work)
+    return make_plan(work, key, files, text_field, tasks, **run)
+
+
+def start_message(doing: str, work: Path, plan: dict, files: list[str], executor: str, workers: int) -> int:
+    """Forget unfinished tasks, log what the run does; returns the number of tasks."""
+    n = len(plan["tasks"])
+    done = forget_unfinished(work, n)
+    log.info("%s %d files (%.1f MB) in %d tasks%s, %s", doing, len(files), sum(u["nbytes"] for u in plan["units"]) / 1e6,
+             n, f" ({done} done before)" if done else "",
+             "on SLURM" if executor == "slurm" else f"{max(1, min(workers, n - done or 1))} at a time")
+    return n
 
 
 def _merge(work: Path, plan: dict) -> Path:
@@ -236,26 +256,15 @@ def prepare(
     key = {"inputs": {f: fingerprint(f) for f in files}, **settings, "skip_bad": skip_bad,
            "chunk_bytes": chunk_bytes, "tokenizer": tok.checksum, "tasks": tasks}
     work = work_dir_of(output_dir)
-    plan = None
-    if (work / PLAN).is_file():
-        plan = load_plan(work)
-        if not same_run(plan, key):
-            log.warning("%s: the inputs or settings changed since that unfinished run; starting it over", work)
-            plan = None
-    if plan is None:
-        plan = _make_plan(work, key, files, text_field, tasks, settings=settings, dtype=dtype,
-                          tokenizer_path=str(tok.model_file.resolve()), output_dir=str(output_dir.resolve()))
-    n = len(plan["tasks"])
-    done = _forget_unfinished(work, n)
-    log.info("preparing %d files (%.1f MB) in %d tasks%s, %s", len(files), sum(u["nbytes"] for u in plan["units"]) / 1e6,
-             n, f" ({done} done before)" if done else "",
-             "on SLURM" if executor == "slurm" else f"{max(1, min(num_workers, n - done or 1))} at a time")
-    _quiet_datatrove(verbose)
+    plan = open_plan(work, key, files, text_field, tasks, settings=settings, dtype=dtype,
+                     tokenizer_path=str(tok.model_file.resolve()), output_dir=str(output_dir.resolve()))
+    n = start_message("preparing", work, plan, files, executor, num_workers)
+    quiet_datatrove(verbose)
     pipeline = [ReadUnits(str(work), text_field, skip_bad),
                 TokenizeShards(str(work), str(tok.model_file), val_fraction, seed, chunk_bytes, dtype)]
     if executor == "slurm":
-        return _submit(pipeline, work, n, slurm or {})
-    _local_executor(pipeline, n, num_workers, work / "datatrove", verbose).run()
+        return submit(pipeline, work, n, slurm or {})
+    local_executor(pipeline, n, num_workers, work / "datatrove", verbose).run()
     manifest = finish(work)
     t = manifest["totals"]
     if t["bad_lines"]:
@@ -275,10 +284,32 @@ def finish(work: Path, keep_logs: bool = False) -> dict:
     With ``keep_logs`` (a cluster run) datatrove's logs stay in ``work``; the rest of it goes.
     """
     plan = load_plan(work)
-    n = len(plan["tasks"])
+    check_tasks(work, len(plan["tasks"]))
+    dataset = _merge(work, plan)
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    output_dir = Path(plan["output_dir"])
+    if output_dir.exists() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+    replace_dir(dataset, output_dir)
+    clean_work(work, keep_logs)
+    return manifest
+
+
+def clean_work(work: Path, keep_logs: bool) -> None:
+    """After the merge: all of ``work`` goes, or (a cluster run) all but datatrove's and SLURM's logs."""
+    if keep_logs:
+        for name in ("tasks", "errors"):
+            shutil.rmtree(work / name, ignore_errors=True)
+        (work / PLAN).unlink()  # a rerun starts afresh: what the plan described is in the output now
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_tasks(work: Path, n: int) -> None:
+    """Raise unless every task of the plan committed its output: the first bad record, or the missing tasks."""
     failed = sorted(work.glob("errors/*.txt"))
     if failed:
-        _forget_unfinished(work, n)
+        forget_unfinished(work, n)
         first = failed[0].read_text().strip()
         more = f"; {len(failed) - 1} more task(s) stopped likewise ({work / 'errors'})" if len(failed) > 1 else ""
         raise BadRecord(f"{first} (pass --skip-bad to skip and count such records){more}")
@@ -286,42 +317,34 @@ def finish(work: Path, keep_logs: bool = False) -> dict:
     if missing:
         raise RuntimeError(f"{len(missing)} task(s) of {work} ended without their shards (task {missing[0]}: "
                            f"see {work / 'datatrove' / 'logs'}); run the command again to redo them")
-    dataset = _merge(work, plan)
-    manifest = json.loads((dataset / MANIFEST).read_text())
-    output_dir = Path(plan["output_dir"])
-    if output_dir.exists() and not any(output_dir.iterdir()):
-        output_dir.rmdir()
-    replace_dir(dataset, output_dir)
-    if keep_logs:
-        for name in ("tasks", "errors"):
-            shutil.rmtree(work / name, ignore_errors=True)
-        (work / PLAN).unlink()  # a rerun starts afresh: the shards it described are in the output now
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return manifest
 
 
-class MergeShards(PipelineStep):
-    """The last job of a cluster run: :func:`finish` once every task of the plan is done."""
+class Merge(PipelineStep):
+    """The last job of a cluster run: ``finish(work_dir, keep_logs=True)`` once every task is done.
+
+    ``finish`` is ``"module:function"``: :func:`finish` for ``prepare``,
+    :func:`danube.corpus.quality.finish` for the quality filter.
+    """
 
     name = "danube merge"
     type = "🔗 - MERGE"
 
-    def __init__(self, work_dir: str) -> None:
+    def __init__(self, work_dir: str, finish: str = "danube.corpus.prepare:finish") -> None:
         super().__init__()
-        self.work_dir = str(work_dir)
+        self.work_dir, self.finish = str(work_dir), finish
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import importlib
+
         from datatrove.utils.logging import logger
 
-        manifest = finish(Path(self.work_dir), keep_logs=True)
-        t = manifest["totals"]
-        logger.info(f"wrote {manifest.get('output_dir')}: train {t['train']['tokens']:,} tokens, "
-                    f"val {t['val']['tokens']:,} tokens")
+        module, function = self.finish.split(":")
+        getattr(importlib.import_module(module), function)(Path(self.work_dir), keep_logs=True)
+        logger.info(f"merged the tasks of {self.work_dir}")
         yield from ()
 
 
-def _submit(pipeline, work: Path, tasks: int, slurm: dict) -> dict:
+def submit(pipeline, work: Path, tasks: int, slurm: dict, finish: str = "danube.corpus.prepare:finish") -> dict:
     """Submit the tasks as a SLURM job array and the merge as a job after it (datatrove's SLURM executor)."""
     from datatrove.executor import SlurmPipelineExecutor
 
@@ -333,7 +356,7 @@ def _submit(pipeline, work: Path, tasks: int, slurm: dict) -> dict:
     tokenize = SlurmPipelineExecutor(pipeline, tasks=tasks, job_name="danube-prepare", logging_dir=str(work / "datatrove"),
                                      slurm_logs_folder=str(work / "slurm_logs"), workers=slurm.get("max_running", -1),
                                      **common)
-    merge = SlurmPipelineExecutor([MergeShards(str(work))], tasks=1, job_name="danube-prepare-merge",
+    merge = SlurmPipelineExecutor([Merge(str(work), finish)], tasks=1, job_name="danube-prepare-merge",
                                   logging_dir=str(work / "merge"), slurm_logs_folder=str(work / "slurm_logs" / "merge"),
                                   depends=tokenize, **common)
     merge.run()
@@ -349,6 +372,29 @@ def list_input_files(inputs) -> list[str]:
     if not files:
         raise ValueError("no input files given")
     return files
+
+
+def add_cluster_arguments(parser) -> None:
+    """The ``--executor slurm`` options of the corpus commands (datatrove's SLURM executor)."""
+    cluster = parser.add_argument_group("on a SLURM cluster (--executor slurm: submit and return)")
+    cluster.add_argument("--executor", choices=EXECUTORS, default="local", help="where the tasks run")
+    cluster.add_argument("--partition", help="SLURM partition of the jobs")
+    cluster.add_argument("--time", default="24:00:00", help="time limit of each task's job")
+    cluster.add_argument("--cpus-per-task", type=int, default=1, help="CPUs of each task's job")
+    cluster.add_argument("--mem-per-cpu-gb", type=int, default=2, help="memory per CPU of each task's job")
+    cluster.add_argument("--qos", default="", help="SLURM QOS of the jobs (default: the cluster's)")
+    cluster.add_argument("--max-running", type=int, default=-1, help="tasks running at once (default: no limit)")
+    cluster.add_argument("--sbatch-arg", action="append", default=[], metavar="KEY=VALUE",
+                         help="another #SBATCH option, e.g. --sbatch-arg account=proj (repeatable)")
+
+
+def cluster_settings(parser, args) -> dict:
+    bad = [a for a in args.sbatch_arg if "=" not in a]
+    if bad:
+        parser.error(f"--sbatch-arg {bad[0]!r}: expected KEY=VALUE")
+    return {"partition": args.partition, "time": args.time, "cpus_per_task": args.cpus_per_task,
+            "mem_per_cpu_gb": args.mem_per_cpu_gb, "qos": args.qos, "max_running": args.max_running,
+            "sbatch_args": dict(a.split("=", 1) for a in args.sbatch_arg)}
 
 
 def prepare_main(argv: list[str]) -> int:
@@ -373,23 +419,9 @@ def prepare_main(argv: list[str]) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--verbose", action="store_true", help="datatrove's per-task log lines on the console")
-    cluster = parser.add_argument_group("on a SLURM cluster (--executor slurm: submit and return)")
-    cluster.add_argument("--executor", choices=EXECUTORS, default="local", help="where the tasks run")
-    cluster.add_argument("--partition", help="SLURM partition of the jobs")
-    cluster.add_argument("--time", default="24:00:00", help="time limit of each task's job")
-    cluster.add_argument("--cpus-per-task", type=int, default=1, help="CPUs of each task's job")
-    cluster.add_argument("--mem-per-cpu-gb", type=int, default=2, help="memory per CPU of each task's job")
-    cluster.add_argument("--qos", default="", help="SLURM QOS of the jobs (default: the cluster's)")
-    cluster.add_argument("--max-running", type=int, default=-1, help="tasks running at once (default: no limit)")
-    cluster.add_argument("--sbatch-arg", action="append", default=[], metavar="KEY=VALUE",
-                         help="another #SBATCH option, e.g. --sbatch-arg account=proj (repeatable)")
+    add_cluster_arguments(parser)
     args = parser.parse_args(argv)
-    bad = [a for a in args.sbatch_arg if "=" not in a]
-    if bad:
-        parser.error(f"--sbatch-arg {bad[0]!r}: expected KEY=VALUE")
-    slurm = {"partition": args.partition, "time": args.time, "cpus_per_task": args.cpus_per_task,
-             "mem_per_cpu_gb": args.mem_per_cpu_gb, "qos": args.qos, "max_running": args.max_running,
-             "sbatch_args": dict(a.split("=", 1) for a in args.sbatch_arg)}
+    slurm = cluster_settings(parser, args)
     m = prepare(args.inputs, args.output, args.tokenizer, args.text_field, args.val_fraction, args.workers,
                 args.chunk_bytes, args.skip_bad, args.seed, args.overwrite, args.tasks, args.verbose,
                 executor=args.executor, slurm=slurm)

@@ -40,29 +40,37 @@ def error_file(work: str | Path, rank: int) -> Path:
     return Path(work) / "errors" / f"{rank:05d}.txt"
 
 
+def commit_task(work: str | Path, rank: int) -> None:
+    """The task's output is whole: its directory takes its final name (a rerun skips the task)."""
+    done = task_dir(work, rank)
+    shutil.rmtree(done, ignore_errors=True)
+    os.replace(task_dir(work, rank, tmp=True), done)
+
+
 def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1) + "\n")
 
 
-def _guarded(records):
-    """``records``, with a file that cannot be read on (a corrupt stream) as one last bad record."""
-    from danube.corpus.inputs import BadRecord
+def _guarded(reads):
+    """``reads``, with a file that cannot be read on (a corrupt stream) as one last bad record."""
+    from danube.corpus.inputs import BadRecord, Read
 
     try:
-        yield from records
+        yield from reads
     except BadRecord as err:
-        yield None, str(err)
+        yield Read(None, str(err))
 
 
 class ReadUnits(PipelineStep):
-    """The reader: this task's units of the plan, as documents (``metadata["source"]``: the input's index)."""
+    """The reader: this task's units of the plan, as documents (``metadata["source"]``: the input's index;
+    with ``records``, ``metadata["record"]``: the whole input record, for steps that write records)."""
 
     name = "danube units"
     type = "📖 - READER"
 
-    def __init__(self, work_dir: str, text_field: str = "text", skip_bad: bool = False) -> None:
+    def __init__(self, work_dir: str, text_field: str = "text", skip_bad: bool = False, records: bool = False) -> None:
         super().__init__()
-        self.work_dir, self.text_field, self.skip_bad = str(work_dir), text_field, skip_bad
+        self.work_dir, self.text_field, self.skip_bad, self.records = str(work_dir), text_field, skip_bad, records
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from danube.corpus.inputs import Unit, read_unit
@@ -82,7 +90,7 @@ class ReadUnits(PipelineStep):
         for u in plan["tasks"][rank]:
             unit = Unit(**plan["units"][u])
             c = counts.setdefault(unit.source, {"bad_records": 0, "empty_documents": 0})
-            for i, (text, error) in enumerate(_guarded(read_unit(unit, self.text_field))):
+            for i, (text, error, record) in enumerate(_guarded(read_unit(unit, self.text_field, self.records))):
                 if error is not None:
                     if not self.skip_bad:
                         self._fail(tmp, error)
@@ -92,12 +100,13 @@ class ReadUnits(PipelineStep):
                     if len(named) < NAMED_BAD_RECORDS:
                         named.append(error)
                     continue
-                if not text.strip():
+                if not text.strip() and not self.records:  # a filter sees (and judges) empty documents
                     c["empty_documents"] += 1
                     self.stat_update("empty_documents")
                     continue
                 self.stat_update("documents")
-                yield Document(text=text, id=f"{unit.index}/{i}", metadata={"source": unit.source})
+                meta = {"source": unit.source, **({"record": record} if self.records else {})}
+                yield Document(text=text, id=f"{unit.index}/{i}", metadata=meta)
         _write_json(tmp / "read.json", {"sources": counts, "bad_records": named})
 
     def _fail(self, tmp: Path, error: str) -> None:
@@ -214,7 +223,5 @@ class TokenizeShards(PipelineStep):
             "sources": {str(k): v for k, v in sources.items()},
             "read": read,
         })
-        done = task_dir(self.work_dir, rank)
-        shutil.rmtree(done, ignore_errors=True)
-        os.replace(tmp, done)
+        commit_task(self.work_dir, rank)
         yield from ()

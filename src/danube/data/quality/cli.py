@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 USAGE = """usage: danube quality {filter,train-gbm,train-transformer,sample} ...
 
@@ -16,6 +17,7 @@ USAGE = """usage: danube quality {filter,train-gbm,train-transformer,sample} ...
 
 
 def _filter(argv: list[str]) -> int:
+    from danube.corpus.prepare import add_cluster_arguments, cluster_settings
     from danube.data.quality.filter import filter_documents, report_path
     from danube.data.quality.heuristics import GOPHER_RULES, HeuristicRules
 
@@ -25,9 +27,10 @@ def _filter(argv: list[str]) -> int:
         "optional, in that order); write the kept records with a `quality` field, a report next to the output "
         "(OUT.quality.json) and optionally pretraining shards of the kept documents.",
     )
-    p.add_argument("inputs", nargs="+", help=".jsonl files")
-    p.add_argument("-o", "--output", required=True, help="kept records (.jsonl)")
-    p.add_argument("--rejected", help="also write the dropped records with the reason (.jsonl)")
+    p.add_argument("inputs", nargs="+", help="files, directories, globs or URLs of .jsonl(.gz/.zst), .parquet, .txt")
+    p.add_argument("-o", "--output", required=True,
+                   help="kept records: a .jsonl file, or a directory of kept/ and rejected/ .jsonl.zst parts")
+    p.add_argument("--rejected", help="with a .jsonl output: also write the dropped records with the reason (.jsonl)")
     p.add_argument("--text-field", default="text", help="field holding the document (default: text)")
     p.add_argument("--no-heuristics", action="store_true", help="skip the rule layer")
     p.add_argument("--rules", help=f"YAML of heuristic thresholds (fields of HeuristicRules; {GOPHER_RULES} "
@@ -43,9 +46,14 @@ def _filter(argv: list[str]) -> int:
     p.add_argument("--tokenizer", help="SentencePiece model: count tokenizer tokens (and needed by --shards)")
     p.add_argument("--shards", help="also tokenize the kept documents into this directory (danube prepare)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="--shards: documents held out")
-    p.add_argument("--workers", type=int, default=2, help="--shards: tokenizer processes")
+    p.add_argument("--workers", type=int, default=2, help="tasks run at once (the output does not depend on it)")
+    p.add_argument("--tasks", type=int, default=None, help="units of work (default: a 16th of the input each, "
+                   "1-64 MB); a directory output has one part per task")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
     p.add_argument("--batch-size", type=int, default=256, help="documents scored together")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--verbose", action="store_true", help="datatrove's per-task log lines on the console")
+    add_cluster_arguments(p)
     args = p.parse_args(argv)
     if args.no_heuristics and (args.rules or args.rule):
         raise ValueError("--rules/--rule given with --no-heuristics")
@@ -53,8 +61,14 @@ def _filter(argv: list[str]) -> int:
     report = filter_documents(
         args.inputs, args.output, args.text_field, rules, args.gbm, args.gbm_threshold, args.transformer,
         args.transformer_threshold, args.rejected, args.tokenizer, args.shards, args.val_fraction, args.workers,
-        args.batch_size, args.hf_label, args.overwrite,
+        args.batch_size, args.hf_label, args.overwrite, args.tasks, args.skip_bad, args.executor,
+        cluster_settings(p, args), args.verbose,
     )
+    if "submitted" in report:
+        jobs = report["submitted"]
+        print(f"submitted SLURM job {jobs['tasks']} (the tasks) and {jobs['merge']} (the merge, after them)")
+        print(f"{args.output} appears when job {jobs['merge']} ends; logs in {jobs['work_dir']}")
+        return 0
     unit = "tokens" if args.tokenizer else "words"
     print(f"{'layer':<12} {'seen docs':>10} {'kept docs':>10} {'seen ' + unit:>14} {'kept ' + unit:>14}")
     for layer in report["layers"]:
@@ -64,7 +78,7 @@ def _filter(argv: list[str]) -> int:
             if n:
                 print(f"  {rule:<26} {n:>8,} documents")
     print(f"kept {report['kept']['documents']:,} of {report['input']['documents']:,} documents -> {args.output}")
-    print(f"report: {report_path(args.output)}")
+    print(f"report: {report_path(args.output) if args.output.endswith('.jsonl') else Path(args.output) / 'quality.json'}")
     if "shards" in report:
         t = report["shards"]["totals"]
         print(f"shards: {t['train']['tokens']:,} train + {t['val']['tokens']:,} val tokens -> {args.shards}")
