@@ -179,3 +179,46 @@ def test_on_the_slurm_cluster_the_tasks_are_a_job_array_and_the_bytes_those_of_t
     work = work_dir_of(out)
     assert sorted(p.name for p in work.iterdir()) == ["datatrove", "merge", "slurm_logs"]  # logs only
     assert len(list((work / "datatrove" / "completions").iterdir())) == 4
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """``hf://`` served from memory: the Hub's fsspec filesystem as far as listing and reading go."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Hub(MemoryFileSystem):
+        protocol = ("hf",)
+        store: dict = {}
+        pseudo_dirs = [""]
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol("memory://" + path.removeprefix("hf://"))
+
+    fsspec.register_implementation("hf", Hub, clobber=True)
+    yield Hub()
+    from huggingface_hub import HfFileSystem
+
+    fsspec.register_implementation("hf", HfFileSystem, clobber=True)
+
+
+def test_a_hub_dataset_id_reads_the_dataset_s_files(fake_hub, tmp_path, sp_model, monkeypatch):
+    docs = make_docs(30)
+    with fake_hub.open("/datasets/someorg/somecorpus/data/train-0.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    fake_hub.pipe("/datasets/someorg/somecorpus/README.md", b"# not data")
+    monkeypatch.chdir(tmp_path)  # "someorg/somecorpus" is no local path here
+    m = prepare(["someorg/somecorpus"], tmp_path / "out", sp_model, val_fraction=0.0, num_workers=1)
+    assert _decoded(tmp_path / "out", sp_model) == docs
+    (source,) = m["sources"]  # README.md is no data
+    assert source["path"].startswith("hf://") and source["path"].endswith("datasets/someorg/somecorpus/data/train-0.jsonl")
+
+
+def test_an_unreachable_remote_input_is_one_line(tmp_path, sp_model, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    """No network here: offline (HF_HUB_OFFLINE read at import) or a failed connection, one line either way."""
+    with pytest.raises(FileNotFoundError, match=r"^nobody/nothing(: neither a local path nor a Hub dataset found| "
+                                                r"\(as hf://datasets/nobody/nothing\): cannot be listed \(\w+)"):
+        prepare(["nobody/nothing"], tmp_path / "out", sp_model, num_workers=1)

@@ -47,31 +47,39 @@ def _is_url(item: str) -> bool:
     return "://" in item
 
 
-def list_inputs(inputs: list[str | Path]) -> list[str]:
-    """Expand files, directories (recursively), globs and URLs into supported input files.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-    Order: each input in turn, the files it names sorted; a file named twice is read once.
+
+def hub_url(item: str) -> str:
+    """A Hugging Face Hub dataset id (``ORG/NAME``, not a local path) as its ``hf://datasets/`` URL."""
+    if "://" in item or Path(item).exists() or not _HUB_ID.match(item):
+        return item
+    return f"hf://datasets/{item}"
+
+
+def list_inputs(inputs: list[str | Path]) -> list[str]:
+    """Expand files, directories (recursively), globs, URLs and Hub dataset ids into supported input files.
+
+    ``ORG/NAME`` that is not a local path is the Hub dataset (``hf://datasets/ORG/NAME``: every
+    supported file of its main branch, through ``huggingface_hub``'s fsspec filesystem). Order: each input in turn, the files it names sorted; a file named twice is read once.
     Local files come back as plain paths, remote ones as URLs.
     """
     found: list[str] = []
     for raw in map(str, inputs):
-        fs, path = _filesystem(raw)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        as_name = (lambda p: p) if protocol in ("file", "local") else (lambda p: fs.unstrip_protocol(p))
-        if _GLOB.search(path):
-            names = sorted(p for p in fs.glob(path) if fs.isfile(p) and suffix(p))
-            if not names:
-                raise FileNotFoundError(f"{raw}: no {', '.join(SUFFIXES)} files match")
-        elif fs.isdir(path):
-            names = sorted(p for p in fs.find(path) if suffix(p) and not Path(p).name.startswith("."))
-            if not names:
-                raise FileNotFoundError(f"{raw}: no {', '.join(SUFFIXES)} files in this directory")
-        elif fs.isfile(path):
-            if not suffix(path):
-                raise ValueError(f"{raw}: unsupported input type; expected one of {', '.join(SUFFIXES)}")
-            names = [path]
-        else:
-            raise FileNotFoundError(f"input not found: {raw}")
+        given, raw = raw, hub_url(raw)
+        try:
+            names, as_name = _names(raw)
+        except FileNotFoundError as err:
+            if given != raw:  # a bare ORG/NAME
+                raise FileNotFoundError(f"{given}: neither a local path nor a Hub dataset found from here "
+                                        f"({err}; offline or a private dataset: use a local snapshot directory)") from err
+            raise
+        except ValueError:
+            raise
+        except Exception as err:  # a remote filesystem: no network, no access, no such bucket
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            what = f"{given} (as {raw})" if given != raw else raw
+            raise FileNotFoundError(f"{what}: cannot be listed ({type(err).__name__}: {first})") from err
         found.extend(as_name(p) for p in names)
     unique, seen = [], set()
     for name in found:
@@ -80,6 +88,28 @@ def list_inputs(inputs: list[str | Path]) -> list[str]:
             seen.add(key)
             unique.append(name)
     return unique
+
+
+def _names(raw: str):
+    """The supported files ``raw`` names, and how to turn each back into a path or URL."""
+    fs, path = _filesystem(raw)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    as_name = (lambda p: p) if protocol in ("file", "local") else (lambda p: fs.unstrip_protocol(p))
+    if _GLOB.search(path):
+        names = sorted(p for p in fs.glob(path) if fs.isfile(p) and suffix(p))
+        if not names:
+            raise FileNotFoundError(f"{raw}: no {', '.join(SUFFIXES)} files match")
+    elif fs.isdir(path):
+        names = sorted(p for p in fs.find(path) if suffix(p) and not Path(p).name.startswith("."))
+        if not names:
+            raise FileNotFoundError(f"{raw}: no {', '.join(SUFFIXES)} files in this directory")
+    elif fs.isfile(path):
+        if not suffix(path):
+            raise ValueError(f"{raw}: unsupported input type; expected one of {', '.join(SUFFIXES)}")
+        names = [path]
+    else:
+        raise FileNotFoundError(f"input not found: {raw}")
+    return names, as_name
 
 
 def fingerprint(name: str) -> dict:
