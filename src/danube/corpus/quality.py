@@ -1,10 +1,14 @@
-"""Danube2's quality filter as a datatrove step: heuristic rules, then the GBM, then the transformer.
+"""``danube quality filter`` as a datatrove pipeline: Danube2's rules, GBM and transformer over tasks.
 
-WIP (not wired to ``danube quality filter`` yet): :class:`QualityLayers` scores the documents
-of one task in batches through the layers :mod:`danube.data.quality.filter` runs, puts what
-each layer measured in ``metadata["quality"]``, passes the kept documents on, writes the
-dropped ones (with the reason) to the task's ``rejected.jsonl.zst`` and its counts per layer
-and per rule to the task's ``quality.json``, both inside the task's uncommitted directory.
+The pipeline is ``[ReadUnits(records=True), QualityLayers, WriteKept]`` over the plan's tasks
+(:mod:`danube.corpus.plan`), run by datatrove's local or SLURM executor like ``danube prepare``
+(:mod:`danube.corpus.prepare`: the same ``OUT.partial`` work directory, commit by rename,
+resume). :class:`QualityLayers` scores a task's documents in batches through the layers of
+:mod:`danube.data.quality.filter`, puts what each measured in ``metadata["quality"]``, passes
+the kept documents on and writes the dropped ones (with the reason) to the task's
+``rejected.jsonl.zst``, its counts per layer and rule to the task's ``quality.json``;
+:class:`WriteKept` writes the kept records to ``kept.jsonl.zst`` and commits the task;
+:func:`finish` gathers the parts and sums the counts.
 """
 
 from __future__ import annotations
