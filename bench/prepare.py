@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import benchlib
-from danube.data.prepare import prepare
+from danube.corpus.prepare import prepare
 
 log = logging.getLogger("bench.prepare")
 

@@ -6,7 +6,7 @@ is still a dependency). The layers, lowest first (README, "Code map"):
 0. ground: the model and its files (``danube.model``), ``files``, ``schedule``, ``losses``,
    ``errors``, ``determinism``, ``optim``, ``settings``; the model imports nothing of danube's but
    itself, ``errors`` and ``files``;
-1. data, formats and run plumbing: ``data``, ``hf``, ``lora``, ``swap_tokenizer``, ``eval``,
+1. data, formats and run plumbing: ``data``, ``corpus``, ``hf``, ``lora``, ``swap_tokenizer``, ``eval``,
    ``checkpoints``, ``rundir``, ``logs``, ``precision``, ``plot``, ``cluster``;
 2. the typed configs: ``config`` (one schema per script, built from the groups' dataclasses);
 3. Lightning: ``lit`` (the LightningModules) and ``callbacks``;
@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "danube"
 LAYERS = {
     0: ("danube", "danube.model", "danube.files", "danube.schedule", "danube.losses", "danube.errors",
         "danube.determinism", "danube.optim", "danube.settings"),
-    1: ("danube.data", "danube.hf", "danube.lora", "danube.swap_tokenizer", "danube.eval", "danube.checkpoints",
+    1: ("danube.data", "danube.corpus", "danube.hf", "danube.lora", "danube.swap_tokenizer", "danube.eval", "danube.checkpoints",
         "danube.rundir", "danube.logs", "danube.precision", "danube.plot", "danube.cluster"),
     2: ("danube.config",),
     3: ("danube.lit", "danube.callbacks"),

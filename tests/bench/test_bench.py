@@ -55,7 +55,7 @@ def test_gpu_options_fail_clearly_without_cuda():
 
 
 def test_data_loading_reports_tokens_per_second(tmp_path, sp_model):
-    from danube.data.prepare import prepare
+    from danube.corpus.prepare import prepare
     from tests.conftest import corpus_lines
 
     (tmp_path / "docs.txt").write_text("\n\n".join(corpus_lines(200)))

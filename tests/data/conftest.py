@@ -55,7 +55,7 @@ def split_docs(stream: np.ndarray, bos: int, eos: int) -> list[list[int]]:
 @pytest.fixture(scope="session")
 def two_sources(tmp_path_factory, sp_model) -> dict[str, Path]:
     """Two prepared directories with different documents (a: 400 docs, b: 300 docs)."""
-    from danube.data.prepare import prepare
+    from danube.corpus.prepare import prepare
 
     root = tmp_path_factory.mktemp("sources")
     out = {}

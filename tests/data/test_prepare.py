@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from danube.cli import main
-from danube.data.prepare import check_tokenizer, prepare, read_manifest
+from danube.corpus.prepare import prepare
+from danube.data.prepare import check_tokenizer, read_manifest
 from danube.data.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import corpus_lines
 from tests.data.conftest import make_docs, read_stream, split_docs, write_jsonl

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from danube.data.prepare import prepare, read_manifest
+from danube.corpus.prepare import prepare
+from danube.data.prepare import read_manifest
 from danube.data.pretrain import PretrainDataModule
 from danube.data.tokenizer import Tokenizer
 from tests.data.conftest import make_docs, read_stream, write_jsonl

@@ -20,7 +20,7 @@ import torch
 
 from danube.data.chat import encode_chat_prompt, hf_chat_template, render_chat, render_chat_prompt
 from danube.data.preference import Pair, collate_pairs, tokenize_pairs
-from danube.data.prepare import prepare
+from danube.corpus.prepare import prepare
 from danube.data.sft import tokenize_conversation
 from danube.data.tokenizer import Tokenizer
 from danube.hf import to_hf

@@ -400,7 +400,7 @@ def test_a_sweep_job_dir_reused_with_new_values_is_refused(small_run, tmp_path):
 
 # -- too little data, bad values --------------------------------------------------------------
 def test_too_little_data_fails_before_training(tmp_path, data_root):
-    from danube.data.prepare import prepare
+    from danube.corpus.prepare import prepare
 
     docs = tmp_path / "tiny.jsonl"
     docs.write_text("".join(json.dumps({"text": f"word {i} " * 5}) + "\n" for i in range(3)))
@@ -463,7 +463,7 @@ def test_outputs_never_clobber_inputs_or_existing_directories(tmp_path, capsys):
 
 
 def test_a_corrupt_gzip_is_named(tmp_path, sp_model):
-    from danube.data.prepare import prepare
+    from danube.corpus.prepare import prepare
 
     bad = tmp_path / "bad.jsonl.gz"
     import gzip

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from danube.cli import main
-from danube.data.prepare import prepare
+from danube.corpus.prepare import prepare
 from danube.data.sample import SOURCES
 from danube.lit.pretrain import PretrainModule
 from danube.model import build_model

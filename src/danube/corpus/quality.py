@@ -262,7 +262,7 @@ def finish(work: Path, keep_logs: bool = False) -> dict:
     return report
 
 
-def filter_corpus(
+def filter_documents(
     inputs: list[str | Path],
     output: str | Path,
     text_field_name: str = "text",
@@ -285,14 +285,36 @@ def filter_corpus(
     slurm: dict | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """The quality filter over ``inputs`` as a datatrove pipeline; returns the report.
+    """Filter ``inputs`` into ``output``; returns the report (also written beside or into the output).
 
-    See :func:`danube.data.quality.filter.filter_documents` for the layers and their arguments.
-    ``output`` ending in ``.jsonl`` is one file of kept records (``rejected``: another, of the
-    dropped ones); any other ``output`` is a directory of ``kept/`` and ``rejected/`` parts
-    (``.jsonl.zst``, one per task) and ``quality.json``. The work lives in ``OUTPUT.partial``:
-    the same command after a kill goes on where it stopped. ``tasks``, ``num_workers``,
-    ``skip_bad``, ``executor`` and ``slurm`` are :func:`danube.corpus.prepare.prepare`'s.
+    A datatrove pipeline (this module's docstring): reader, these layers, a writer of the kept
+    records, over tasks; the same command after a kill goes on. A ``.jsonl`` output is one
+    file; any other output a directory of parts. ``report_path`` is
+    :func:`danube.data.quality.filter.report_path`.
+
+    Args:
+        inputs: Files, directories, globs or URLs of ``.jsonl(.gz/.zst)``, ``.parquet``, ``.txt``
+            (:mod:`danube.corpus.inputs`), one document per record in ``text_field_name``.
+        output: The kept records: a ``.jsonl`` file, or a directory of ``kept/`` and ``rejected/``
+            ``.jsonl.zst`` parts (one per task) with ``quality.json``.
+        rules: Heuristic thresholds; ``None`` skips the rule layer.
+        gbm: A GBM classifier directory (or loaded scorer); ``None`` skips the layer.
+        gbm_threshold: Keep documents whose GBM probability of being good is at least this.
+        transformer: A transformer classifier directory (danube or local Hugging Face), or scorer.
+        transformer_threshold: Keep documents scoring at least this.
+        rejected: Optional ``.jsonl`` of the dropped records with the reason.
+        tokenizer: SentencePiece model: counts become tokens, and needed for ``shards``.
+        shards: Optional directory for litdata pretraining shards of the kept documents.
+        val_fraction: Passed to :func:`danube.corpus.prepare.prepare` for ``shards``.
+        num_workers: Tasks run at once (and ``prepare``'s workers for ``shards``).
+        batch_size: Documents scored together.
+        hf_label: For a Hugging Face classifier, the index of the "good" label.
+        overwrite: Replace existing outputs (only once the new ones are complete).
+        tasks, skip_bad, executor, slurm, verbose: as :func:`danube.corpus.prepare.prepare`'s.
+
+    Raises:
+        ValueError: Bad arguments or a classifier of the wrong kind, before any data is read;
+            a malformed record (``FILE:LINE: what``), before any output is written.
     """
     import time
 

@@ -18,13 +18,6 @@ SPLITS = ("train", "val")
 FORMAT = "danube-token-shards/1"
 
 
-def prepare(*args, **kwargs) -> dict:
-    """:func:`danube.corpus.prepare.prepare` (kept here for code that imported it from here)."""
-    from danube.corpus.prepare import prepare as run
-
-    return run(*args, **kwargs)
-
-
 def read_manifest(directory: str | Path) -> dict:
     """The manifest of a prepared directory, with a clear error when it is not one."""
     path = Path(directory) / MANIFEST

@@ -153,7 +153,7 @@ def ensure_sample_data(root: str | Path, vocab_size: int = 4096, num_workers: in
     """
     from filelock import FileLock
 
-    from danube.data.prepare import prepare
+    from danube.corpus.prepare import prepare
     from danube.data.tokenizer import train_tokenizer
 
     root = Path(root)
@@ -184,7 +184,7 @@ def ensure_sample_sources(root: str | Path, vocab_size: int = 4096, num_workers:
     """
     from filelock import FileLock
 
-    from danube.data.prepare import prepare
+    from danube.corpus.prepare import prepare
     from danube.data.tokenizer import Tokenizer
 
     tok_path, _ = ensure_sample_data(root, vocab_size=vocab_size, num_workers=num_workers)

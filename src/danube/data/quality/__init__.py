@@ -5,11 +5,12 @@
   gradient-boosting classifier on cheap text features.
 - :mod:`~danube.data.quality.transformer`: a small danube transformer classifier (or a
   local Hugging Face one).
-- :mod:`~danube.data.quality.filter`: the three layers over ``.jsonl`` files, with a
-  report and optional pretraining shards; ``danube quality`` is its command line.
+- :mod:`~danube.data.quality.filter`: the three layers and their report;
+  :func:`danube.corpus.quality.filter_documents` runs them over a corpus as a datatrove
+  pipeline; ``danube quality`` is its command line.
 """
 
-from danube.data.quality.filter import filter_documents
+from danube.corpus.quality import filter_documents
 from danube.data.quality.heuristics import HeuristicRules, document_stats
 
 __all__ = ["HeuristicRules", "document_stats", "filter_documents"]

@@ -18,7 +18,8 @@ USAGE = """usage: danube quality {filter,train-gbm,train-transformer,sample} ...
 
 def _filter(argv: list[str]) -> int:
     from danube.corpus.prepare import add_cluster_arguments, cluster_settings
-    from danube.data.quality.filter import filter_documents, report_path
+    from danube.corpus.quality import filter_documents
+    from danube.data.quality.filter import report_path
     from danube.data.quality.heuristics import GOPHER_RULES, HeuristicRules
 
     p = argparse.ArgumentParser(

@@ -11,7 +11,7 @@ Dropped records go to the optional rejected file with ``quality.reason``. The re
 (JSON next to the output, also returned) counts documents and tokens (whitespace words,
 or tokenizer tokens when a tokenizer is given) each layer saw and kept, and per rule how
 many documents broke it. With ``shards`` the kept documents are tokenized by
-:func:`danube.data.prepare.prepare` into pretraining shards.
+:func:`danube.corpus.prepare.prepare` into pretraining shards.
 """
 
 from __future__ import annotations
@@ -104,65 +104,6 @@ def _apply(layer: _Layer, alive: list[int], texts: list[str], stats: list, quali
 def _check_threshold(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}={value} must be a probability in [0, 1]")
-
-
-def filter_documents(
-    inputs: list[str | Path],
-    output: str | Path,
-    text_field_name: str = "text",
-    rules: HeuristicRules | None = None,
-    gbm: str | Path | classifier.Scorer | None = None,
-    gbm_threshold: float = 0.5,
-    transformer: str | Path | classifier.Scorer | None = None,
-    transformer_threshold: float = 0.5,
-    rejected: str | Path | None = None,
-    tokenizer: str | Path | None = None,
-    shards: str | Path | None = None,
-    val_fraction: float = 0.01,
-    num_workers: int = 1,
-    batch_size: int = 256,
-    hf_label: int = 1,
-    overwrite: bool = False,
-    tasks: int | None = None,
-    skip_bad: bool = False,
-    executor: str = "local",
-    slurm: dict | None = None,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """Filter ``inputs`` into ``output``; returns the report (also written by :func:`report_path`).
-
-    A datatrove pipeline (:func:`danube.corpus.quality.filter_corpus`): reader, these layers, a
-    writer of the kept records, over tasks; the same command after a kill goes on.
-
-    Args:
-        inputs: Files, directories, globs or URLs of ``.jsonl(.gz/.zst)``, ``.parquet``, ``.txt``
-            (:mod:`danube.corpus.inputs`), one document per record in ``text_field_name``.
-        output: The kept records: a ``.jsonl`` file, or a directory of ``kept/`` and ``rejected/``
-            ``.jsonl.zst`` parts (one per task) with ``quality.json``.
-        rules: Heuristic thresholds; ``None`` skips the rule layer.
-        gbm: A GBM classifier directory (or loaded scorer); ``None`` skips the layer.
-        gbm_threshold: Keep documents whose GBM probability of being good is at least this.
-        transformer: A transformer classifier directory (danube or local Hugging Face), or scorer.
-        transformer_threshold: Keep documents scoring at least this.
-        rejected: Optional ``.jsonl`` of the dropped records with the reason.
-        tokenizer: SentencePiece model: counts become tokens, and needed for ``shards``.
-        shards: Optional directory for litdata pretraining shards of the kept documents.
-        val_fraction: Passed to :func:`danube.corpus.prepare.prepare` for ``shards``.
-        num_workers: Tasks run at once (and ``prepare``'s workers for ``shards``).
-        batch_size: Documents scored together.
-        hf_label: For a Hugging Face classifier, the index of the "good" label.
-        overwrite: Replace existing outputs (only once the new ones are complete).
-        tasks, skip_bad, executor, slurm, verbose: as :func:`danube.corpus.prepare.prepare`'s.
-
-    Raises:
-        ValueError: Bad arguments or a classifier of the wrong kind, before any data is read;
-            a malformed record (``FILE:LINE: what``), before any output is written.
-    """
-    from danube.corpus.quality import filter_corpus
-
-    return filter_corpus(inputs, output, text_field_name, rules, gbm, gbm_threshold, transformer,
-                         transformer_threshold, rejected, tokenizer, shards, val_fraction, num_workers, batch_size,
-                         hf_label, overwrite, tasks, skip_bad, executor, slurm, verbose)
 
 
 def load_scorer(path: str | Path, expect: str, batch_size: int = 32, hf_label: int = 1,
