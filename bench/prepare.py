@@ -49,18 +49,13 @@ def make_inputs(corpus: Path, folder: Path, copies: int, fmt: str) -> list[Path]
 
 def encode_speed(corpus: Path, tokenizer: Path, copies: int, repeats: int) -> float:
     """MB/s of SentencePiece alone on one core over the corpus's documents (``copies`` times), in batches."""
+    from encode import encode_rate
+
     from danube.data.tokenizer import Tokenizer
 
     sp = Tokenizer(tokenizer).sp
     docs = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()] * copies
-    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(0, len(docs), 512):
-            sp.encode(docs[i:i + 512], num_threads=1)
-        seconds.append(time.perf_counter() - start)
-    return mb / benchlib.median(seconds)
+    return encode_rate(lambda batch: sp.encode(batch, num_threads=1), docs, repeats)[0]
 
 
 class _JsonlFiles:

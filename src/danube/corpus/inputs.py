@@ -112,6 +112,11 @@ def _names(raw: str):
     return names, as_name
 
 
+def local_paths(inputs) -> list[str]:
+    """The inputs that are not URLs (what an output must not be, or be inside)."""
+    return [i for i in map(str, inputs) if not _is_url(i)]
+
+
 def fingerprint(name: str) -> dict:
     """What identifies an input file's content cheaply: its size and modification time (or etag)."""
     fs, path = _filesystem(name)

@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from danube.corpus.inputs import BadRecord, fingerprint, list_inputs, plan_units
-from danube.corpus.plan import PLAN, group_units, load_plan, same_run, task_bytes
 from datatrove.pipeline.base import PipelineStep
 
+from danube.corpus.inputs import BadRecord, fingerprint, list_inputs, local_paths, plan_units
+from danube.corpus.plan import PLAN, group_units, load_plan, same_run, task_bytes
 from danube.corpus.steps import SPLITS, ReadUnits, TokenizeShards, error_file, task_dir
 from danube.data.prepare import FORMAT, MANIFEST
 from danube.data.tokenizer import Tokenizer
@@ -37,6 +37,14 @@ from danube.files import atomic_write_text, check_output_dir, remove_stale_temps
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "slurm")
+
+
+def check_run_options(executor: str, tasks: int | None) -> None:
+    """The options every corpus command takes: where the tasks run, how many there are."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if tasks is not None and tasks < 1:
+        raise ValueError(f"tasks must be a positive number, got {tasks}")
 
 
 def work_dir_of(output_dir: Path) -> Path:
@@ -66,8 +74,6 @@ def local_executor(pipeline, tasks: int, workers: int, logging_dir: Path, verbos
             finally:
                 quiet_datatrove(verbose)  # a task run in this process left its own console handler
 
-    import litdata.streaming.writer  # noqa: F401  (imported once here, not in every forked worker: ~4 s each)
-
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return Local(pipeline, tasks=tasks, workers=max(1, min(workers, tasks)), logging_dir=str(logging_dir),
                  start_method=method, skip_completed=True)
@@ -86,8 +92,6 @@ def forget_unfinished(work: Path, tasks: int) -> int:
 
 
 def make_plan(work: Path, key: dict, files: list[str], text_field: str, tasks: int | None, **run) -> dict:
-    from danube.corpus.inputs import Unit
-
     total = sum(f["size"] for f in key["inputs"].values())
     target = task_bytes(total, tasks)
     units = plan_units(files, text_field, target)
@@ -95,7 +99,6 @@ def make_plan(work: Path, key: dict, files: list[str], text_field: str, tasks: i
     plan = {"key": key, **run, "units": [u.to_dict() for u in units], "tasks": groups}
     if tasks and len(groups) < tasks:
         log.info("%d tasks asked for, %d units of work in the input: %d tasks", tasks, len(units), len(groups))
-    assert all(isinstance(Unit(**u), Unit) for u in plan["units"])
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     atomic_write_text(work / PLAN, json.dumps(plan, indent=1) + "\n")
@@ -242,12 +245,8 @@ def prepare(
     output_dir = Path(output_dir)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
-    if tasks is not None and tasks < 1:
-        raise ValueError(f"tasks must be a positive number, got {tasks}")
-    local_inputs = [i for i in map(str, inputs) if "://" not in i]
-    check_output_dir(output_dir, overwrite=overwrite, inputs=[*local_inputs, tokenizer])
+    check_run_options(executor, tasks)
+    check_output_dir(output_dir, overwrite=overwrite, inputs=[*local_paths(inputs), tokenizer])
     remove_stale_temps(output_dir.parent)
     tok = Tokenizer(tokenizer)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "int32"
@@ -260,6 +259,8 @@ def prepare(
                      tokenizer_path=str(tok.model_file.resolve()), output_dir=str(output_dir.resolve()))
     n = start_message("preparing", work, plan, files, executor, num_workers)
     quiet_datatrove(verbose)
+    import litdata.streaming.writer  # noqa: F401  (imported once here, not in every forked worker: ~4 s each)
+
     pipeline = [ReadUnits(str(work), text_field, skip_bad),
                 TokenizeShards(str(work), str(tok.model_file), val_fraction, seed, chunk_bytes, dtype)]
     if executor == "slurm":
@@ -287,12 +288,16 @@ def finish(work: Path, keep_logs: bool = False) -> dict:
     check_tasks(work, len(plan["tasks"]))
     dataset = _merge(work, plan)
     manifest = json.loads((dataset / MANIFEST).read_text())
-    output_dir = Path(plan["output_dir"])
-    if output_dir.exists() and not any(output_dir.iterdir()):
-        output_dir.rmdir()
-    replace_dir(dataset, output_dir)
+    install(dataset, Path(plan["output_dir"]))
     clean_work(work, keep_logs)
     return manifest
+
+
+def install(built: Path, output: Path) -> None:
+    """Move the finished output directory into place (an empty one there is taken, a full one replaced)."""
+    if output.exists() and not any(output.iterdir()):
+        output.rmdir()
+    replace_dir(built, output)
 
 
 def clean_work(work: Path, keep_logs: bool) -> None:
@@ -397,6 +402,12 @@ def cluster_settings(parser, args) -> dict:
             "sbatch_args": dict(a.split("=", 1) for a in args.sbatch_arg)}
 
 
+def print_submitted(jobs: dict, output: str) -> None:
+    """What a corpus command submitted to SLURM, and where its output will appear."""
+    print(f"submitted SLURM job {jobs['tasks']} (the tasks) and {jobs['merge']} (the merge, after them)")
+    print(f"{output} appears when job {jobs['merge']} ends; logs in {jobs['work_dir']}")
+
+
 def prepare_main(argv: list[str]) -> int:
     import argparse
 
@@ -426,9 +437,7 @@ def prepare_main(argv: list[str]) -> int:
                 args.chunk_bytes, args.skip_bad, args.seed, args.overwrite, args.tasks, args.verbose,
                 executor=args.executor, slurm=slurm)
     if "submitted" in m:
-        jobs = m["submitted"]
-        print(f"submitted SLURM job {jobs['tasks']} (the tasks) and {jobs['merge']} (the merge, after them)")
-        print(f"{args.output} appears when job {jobs['merge']} ends; logs in {jobs['work_dir']}")
+        print_submitted(m["submitted"], args.output)
         return 0
     t = m["totals"]
     print(f"train: {t['train']['tokens']:,} tokens in {t['train']['documents']:,} documents")

@@ -41,6 +41,11 @@ class ZstdJsonl:
         self._stream.close()  # closes the file too
 
 
+def output_record(doc) -> dict:
+    """The input record of a scored document, with what the layers measured as its ``quality`` field."""
+    return {**doc.metadata.get("record", {"text": doc.text}), "quality": doc.metadata["quality"]}
+
+
 class QualityLayers(PipelineStep):
     """Score documents through the enabled layers; yield the kept ones, write the dropped ones."""
 
@@ -118,7 +123,7 @@ class QualityLayers(PipelineStep):
                     if self.keep_rejected:
                         if rejected is None:
                             rejected = ZstdJsonl(tmp / "rejected.jsonl.zst")
-                        rejected.write({**doc.metadata.get("record", {"text": doc.text}), "quality": quality[i]})
+                        rejected.write(output_record(doc))
             batch.clear()
 
         for doc in data or ():
@@ -146,18 +151,18 @@ class WriteKept(PipelineStep):
         self.work_dir = str(work_dir)
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from danube.corpus.steps import FAILED, commit_task
+        from danube.corpus.steps import commit_task, task_failed
 
         tmp = task_dir(self.work_dir, rank, tmp=True)
         kept = None
         for doc in data or ():
             if kept is None:
                 kept = ZstdJsonl(tmp / "kept.jsonl.zst")
-            kept.write({**doc.metadata.get("record", {"text": doc.text}), "quality": doc.metadata["quality"]})
+            kept.write(output_record(doc))
             self.stat_update("written")
         if kept is not None:
             kept.close()
-        if not tmp.is_dir() or (tmp / FAILED).exists():
+        if task_failed(self.work_dir, rank):
             return  # the reader stopped at a bad record: nothing of this task is kept
         commit_task(self.work_dir, rank)
         yield from ()
@@ -165,14 +170,14 @@ class WriteKept(PipelineStep):
 
 def _merge_layers(per_task: list[list[dict]]) -> list[dict]:
     """Every task's layer counts summed; mean scores weighted by the documents each task's layer saw."""
+    import copy
+
     merged: list[dict] = []
     for layers in per_task:
         for i, layer in enumerate(layers):
+            score = layer.get("mean_score", 0.0) * layer["seen"]["documents"]
             if i == len(merged):
-                merged.append({**layer, "seen": dict(layer["seen"]), "kept": dict(layer["kept"]),
-                               "dropped": dict(layer["dropped"]),
-                               **({"failed_by_rule": dict(layer["failed_by_rule"])} if "failed_by_rule" in layer else {}),
-                               "_score": layer.get("mean_score", 0.0) * layer["seen"]["documents"]})
+                merged.append({**copy.deepcopy(layer), "_score": score})
                 continue
             m = merged[i]
             for part in ("seen", "kept", "dropped"):
@@ -180,11 +185,11 @@ def _merge_layers(per_task: list[list[dict]]) -> list[dict]:
                     m[part][k] += layer[part][k]
             for rule, n in layer.get("failed_by_rule", {}).items():
                 m["failed_by_rule"][rule] += n
-            m["_score"] += layer.get("mean_score", 0.0) * layer["seen"]["documents"]
+            m["_score"] += score
     for m in merged:
         score = m.pop("_score")
-        if "mean_score" in m or (m["layer"] != "heuristics" and m["seen"]["documents"]):
-            m["mean_score"] = round(score / m["seen"]["documents"], 6) if m["seen"]["documents"] else 0.0
+        if m["layer"] != "heuristics" and m["seen"]["documents"]:  # as _Layer.to_dict gives it
+            m["mean_score"] = round(score / m["seen"]["documents"], 6)
     return merged
 
 
@@ -213,9 +218,9 @@ def finish(work: Path, keep_logs: bool = False) -> dict:
 
     import danube
     from danube.corpus.plan import load_plan
-    from danube.corpus.prepare import check_tasks, clean_work
+    from danube.corpus.prepare import check_tasks, clean_work, install
     from danube.data.quality.filter import REPORT_FORMAT, report_path
-    from danube.files import atomic_write_text, replace_dir
+    from danube.files import atomic_write_text
 
     plan = load_plan(work)
     run = plan["run"]
@@ -249,9 +254,7 @@ def finish(work: Path, keep_logs: bool = False) -> dict:
                 if (t / f"{kind}.jsonl.zst").exists():
                     os.replace(t / f"{kind}.jsonl.zst", out / kind / f"part-{r:05d}.jsonl.zst")
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-        if output.exists() and not any(output.iterdir()):
-            output.rmdir()
-        replace_dir(out, output)
+        install(out, output)
     else:
         _concatenate([t / "kept.jsonl.zst" for t in tasks if (t / "kept.jsonl.zst").exists()], output)
         if run["rejected"]:
@@ -318,9 +321,9 @@ def filter_documents(
     """
     import time
 
-    from danube.corpus.inputs import fingerprint
+    from danube.corpus.inputs import fingerprint, local_paths
     from danube.corpus.prepare import (
-        EXECUTORS,
+        check_run_options,
         list_input_files,
         local_executor,
         open_plan,
@@ -356,11 +359,9 @@ def filter_documents(
     if shards is not None and executor == "slurm":
         raise ValueError("--shards runs on this machine; on SLURM, run `danube prepare` on the kept records "
                          "once the merge job has ended")
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
-    local_inputs = [i for i in map(str, inputs) if "://" not in i]
+    check_run_options(executor, tasks)
     if directory:
-        check_output_dir(output, overwrite=overwrite, inputs=local_inputs)
+        check_output_dir(output, overwrite=overwrite, inputs=local_paths(inputs))
     elif not overwrite:
         for path in (output, rejected, report_path(output)):
             if path is not None and Path(path).exists():

@@ -47,6 +47,12 @@ def commit_task(work: str | Path, rank: int) -> None:
     os.replace(task_dir(work, rank, tmp=True), done)
 
 
+def task_failed(work: str | Path, rank: int) -> bool:
+    """Whether the task's reader stopped at a bad record (or never started): nothing of it is kept."""
+    tmp = task_dir(work, rank, tmp=True)
+    return not tmp.is_dir() or (tmp / FAILED).exists()
+
+
 def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1) + "\n")
 
@@ -93,7 +99,7 @@ class ReadUnits(PipelineStep):
             for i, (text, error, record) in enumerate(_guarded(read_unit(unit, self.text_field, self.records))):
                 if error is not None:
                     if not self.skip_bad:
-                        self._fail(tmp, error)
+                        self._fail(rank, tmp, error)
                         return
                     c["bad_records"] += 1
                     self.stat_update("bad_records")
@@ -109,10 +115,10 @@ class ReadUnits(PipelineStep):
                 yield Document(text=text, id=f"{unit.index}/{i}", metadata=meta)
         _write_json(tmp / "read.json", {"sources": counts, "bad_records": named})
 
-    def _fail(self, tmp: Path, error: str) -> None:
+    def _fail(self, rank: int, tmp: Path, error: str) -> None:
         from datatrove.utils.logging import logger
 
-        path = error_file(self.work_dir, rank=int(tmp.name.split(".")[0]))
+        path = error_file(self.work_dir, rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(error + "\n")
         (tmp / FAILED).write_text(error + "\n")
@@ -212,9 +218,8 @@ class TokenizeShards(PipelineStep):
                 flush()
         if batch:
             flush()
-        if (tmp / FAILED).exists():
+        if task_failed(self.work_dir, rank):
             return  # the reader stopped at a bad record: nothing of this task is kept
-        tmp.mkdir(parents=True, exist_ok=True)
         for w in writers.values():
             w.finish()
         read = json.loads((tmp / "read.json").read_text()) if (tmp / "read.json").exists() else {"sources": {}}

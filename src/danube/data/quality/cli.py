@@ -17,7 +17,7 @@ USAGE = """usage: danube quality {filter,train-gbm,train-transformer,sample} ...
 
 
 def _filter(argv: list[str]) -> int:
-    from danube.corpus.prepare import add_cluster_arguments, cluster_settings
+    from danube.corpus.prepare import add_cluster_arguments, cluster_settings, print_submitted
     from danube.corpus.quality import filter_documents
     from danube.data.quality.filter import report_path
     from danube.data.quality.heuristics import GOPHER_RULES, HeuristicRules
@@ -66,9 +66,7 @@ def _filter(argv: list[str]) -> int:
         cluster_settings(p, args), args.verbose,
     )
     if "submitted" in report:
-        jobs = report["submitted"]
-        print(f"submitted SLURM job {jobs['tasks']} (the tasks) and {jobs['merge']} (the merge, after them)")
-        print(f"{args.output} appears when job {jobs['merge']} ends; logs in {jobs['work_dir']}")
+        print_submitted(report["submitted"], args.output)
         return 0
     unit = "tokens" if args.tokenizer else "words"
     print(f"{'layer':<12} {'seen docs':>10} {'kept docs':>10} {'seen ' + unit:>14} {'kept ' + unit:>14}")
