@@ -25,6 +25,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from danube.files import atomic_file
+from danube.schedule import StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +121,23 @@ def prune(directory: Path, keep: int) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def checkpoint_stage(resume: str, plans: list[StagePlan], key: str = "resume") -> str:
+    """The stage of ``plans`` a pretraining checkpoint (``resume=PATH``; ``key``) belongs to, read memory-mapped."""
+    path = Path(resume)
+    problem = check_checkpoint(path)
+    if problem:
+        raise ValueError(f"{key}={path}: {problem}")
+    ckpt = load_checkpoint(path, mmap=True)
+    info = ckpt.get("danube") if isinstance(ckpt, dict) else None
+    if not info:
+        raise ValueError(f"{key}={path} is not a danube pretraining checkpoint (no 'danube' entry)")
+    name = info.get("stage")
+    if name is None:  # checkpoints before stage names were recorded: the stage with that sequence length
+        names = [p.name for p in plans if p.seq_len == info.get("seq_len")]
+        name = names[0] if len(names) == 1 else None
+    if name not in [p.name for p in plans]:
+        raise ValueError(f"{key}={path} belongs to stage {name!r}, which is not in this recipe "
+                         f"({', '.join(p.name for p in plans)})")
+    return name

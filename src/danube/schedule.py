@@ -2,8 +2,12 @@
 
 Pretraining's schedule is a function of tokens seen, never of steps: stages change the
 sequence length (and so the micro-batch) but not the tokens per optimizer step, and the
-cosine runs from the first token of the first stage to the last token of the last one.
-Fine-tuning, one fixed plan of optimizer steps, runs the same :func:`lr_at` by step.
+schedule runs from the first token of the first stage to the last token of the last one.
+Fine-tuning, one fixed plan of optimizer steps, runs the same :class:`Schedule` by step.
+
+Two shapes: the report's cosine, fixed before the first step, and warmup-stable-decay
+(WSD: MiniCPM, SmolLM2/3, OLMo 2's annealing), constant until a final decay, which lets a
+cooldown branch from any checkpoint of the constant part (``cooldown.checkpoint``).
 """
 
 from __future__ import annotations
@@ -12,28 +16,88 @@ import math
 import numbers
 from dataclasses import dataclass
 
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "sqrt", "cosine")
 
-def lr_at(progress: float, *, lr: float, min_lr: float, warmup: float, total: float) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` units, then cosine to ``min_lr`` at ``total`` units.
 
-    The one LR schedule: pretraining counts its units in tokens seen, fine-tuning in
-    optimizer steps. A step uses the LR at the units consumed *after* it (the tokens
-    counting its batch; step k, 0-based, at k + 1), so the first step's LR is not 0 and the
-    last one's is ``min_lr``.
+def decay_factor(fraction: float, shape: str) -> float:
+    """How much of ``lr - min_lr`` is left ``fraction`` of the way through a decay: 1 at its start, 0 at its end.
+
+    ``linear``: 1 - f; ``sqrt``: 1 - sqrt(f) (the "1-sqrt" cooldown of Hägele et al., 2024: fast
+    at first); ``cosine``: (1 + cos(pi f)) / 2.
+    """
+    if shape == "linear":
+        return 1.0 - fraction
+    if shape == "sqrt":
+        return 1.0 - math.sqrt(fraction)
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * fraction))
+    raise ValueError(f"decay shape {shape!r}: expected one of {', '.join(DECAY_SHAPES)}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The LR as a function of progress: tokens seen in pretraining, optimizer steps in fine-tuning.
+
+    A step uses the LR at the units consumed *after* it (the tokens counting its batch; step k,
+    0-based, at k + 1), so the first step's LR is not 0 and the last one's is ``min_lr``.
 
     Args:
-        progress: units consumed, this step's included.
         lr: the peak, reached at the end of the warm-up.
         min_lr: the floor, reached at ``total`` and kept after it.
-        warmup: units of the linear warm-up (0: none).
-        total: units at which the cosine reaches ``min_lr``.
+        warmup: units of the linear warm-up from 0 (0: none).
+        total: units at which the schedule reaches ``min_lr``.
+        kind: ``cosine`` (from the warm-up's end to ``total``) or ``wsd`` (constant ``lr``, then
+            a decay over the last ``decay`` units).
+        decay: ``wsd``: units of the final decay, which ends at ``total``.
+        shape: ``wsd``: the decay's shape (:func:`decay_factor`).
     """
-    if progress < warmup:
-        return lr * progress / warmup
-    if progress >= total:
-        return min_lr
-    fraction = (progress - warmup) / (total - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * fraction))
+
+    lr: float
+    min_lr: float
+    warmup: float
+    total: float
+    kind: str = "cosine"
+    decay: float = 0.0
+    shape: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule {self.kind!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.kind == "wsd" and not 0 < self.decay <= self.total - self.warmup:
+            raise ValueError(f"a decay of {self.decay:,} units does not fit between the warm-up's end "
+                             f"({self.warmup:,}) and the end ({self.total:,})")
+        decay_factor(0.0, self.shape)  # an unknown shape fails here, not at the decay's first step
+
+    @property
+    def decay_start(self) -> float:
+        """Where the LR starts to fall: the warm-up's end (cosine) or ``total - decay`` (wsd)."""
+        return self.warmup if self.kind == "cosine" else self.total - self.decay
+
+    def __call__(self, progress: float) -> float:
+        if progress < self.warmup:
+            return self.lr * progress / self.warmup
+        if progress >= self.total:
+            return self.min_lr
+        start = self.decay_start
+        if progress <= start:
+            return self.lr
+        fraction = (progress - start) / (self.total - start)
+        shape = "cosine" if self.kind == "cosine" else self.shape
+        return self.min_lr + (self.lr - self.min_lr) * decay_factor(fraction, shape)
+
+    def describe(self, unit: str = "tokens") -> str:
+        """``warm-up 81,920 tokens to 0.003, constant to 1,146,880, then sqrt decay over 163,840 tokens to 0.0003``."""
+        warm = f"warm-up {self.warmup:,.0f} {unit} to {self.lr:g}"
+        if self.kind == "cosine":
+            return f"{warm}, cosine to {self.min_lr:g} at {self.total:,.0f}"
+        return (f"{warm}, constant to {self.decay_start:,.0f}, then {self.shape} decay over {self.decay:,.0f} {unit} "
+                f"to {self.min_lr:g}")
+
+
+def lr_at(progress: float, *, lr: float, min_lr: float, warmup: float, total: float) -> float:
+    """The cosine :class:`Schedule` at ``progress``: linear warm-up to ``lr``, cosine to ``min_lr`` at ``total``."""
+    return Schedule(lr=lr, min_lr=min_lr, warmup=warmup, total=total)(progress)
 
 
 @dataclass(frozen=True)
@@ -82,12 +146,15 @@ def check_mixture(weights: dict, sources: list[str] | None, where: str, sources_
 
 
 def plan_stages(
-    stages: list[dict], *, global_batch_tokens: int, micro_batch_tokens: int, world_size: int
+    stages: list[dict], *, global_batch_tokens: int, micro_batch_tokens: int, world_size: int, start_tokens: int = 0
 ) -> list[StagePlan]:
-    """Resolve each stage's micro-batch, accumulation and step count; raise on what cannot divide."""
+    """Resolve each stage's micro-batch, accumulation and step count; raise on what cannot divide.
+
+    The first stage starts at ``start_tokens`` (0; a cooldown: the tokens its checkpoint had seen).
+    """
     if not stages:
         raise ValueError("recipe.stages is empty")
-    plans, start = [], 0
+    plans, start = [], start_tokens
     for i, stage in enumerate(stages):
         unknown = sorted(set(stage) - STAGE_KEYS)
         missing = sorted({"name", "seq_len", "tokens"} - set(stage))
@@ -144,9 +211,7 @@ def nearest_geometry(global_batch_tokens: int, seq_len: int, micro: int, world_s
 def format_plan(
     plans: list[StagePlan],
     *,
-    lr: float,
-    min_lr: float,
-    warmup_tokens: int,
+    schedule: Schedule,
     tokens_per_sec: float,
     world_size: int,
     global_batch_tokens: int,
@@ -155,7 +220,7 @@ def format_plan(
     total = plans[-1].end_tokens
 
     def lr_of(t: int) -> str:
-        return f"{lr_at(t, lr=lr, min_lr=min_lr, warmup=warmup_tokens, total=total):.3g}"
+        return f"{schedule(t):.3g}"
 
     head = (
         "| stage | seq_len | tokens | start -> end tokens | steps | micro-batch | grad accum | LR first step | "
@@ -173,9 +238,14 @@ def format_plan(
             f"{p.steps:,} | {p.micro_batch_size} | {p.grad_accum} | {lr_of(p.start_tokens + global_batch_tokens)} | "
             f"{lr_of(p.end_tokens)} | {hours:,.1f} |" + (f" {format_mixture(p.weights)} |" if mixtures else "")
         )
+    decay = ""
+    if schedule.kind == "wsd":
+        where = next(p for p in plans if schedule.decay_start < p.end_tokens or p is plans[-1])
+        step = math.ceil((schedule.decay_start - where.start_tokens) / global_batch_tokens)
+        decay = f" (the decay starts in stage {where.name}, after its step {step:,})"
     foot = (
         f"\n{total:,} tokens in {sum(p.steps for p in plans):,} steps of {global_batch_tokens:,} tokens on "
-        f"{world_size} device(s); warm-up {warmup_tokens:,} tokens to {lr:g}, cosine to {min_lr:g}; "
+        f"{world_size} device(s); {schedule.describe()}{decay}; "
         f"{hours_total:,.1f} h ({hours_total / 24:,.1f} days) at {tokens_per_sec:,.0f} tokens/s."
     )
     return "\n".join([head, *rows]) + foot

@@ -117,7 +117,11 @@ def job_outcome(job_dir: Path, cfg: DictConfig, value: float | None) -> dict:
 
 
 def _last_stage(cfg) -> str | None:
-    """The last stage a train config runs (``stage=all``: the recipe's last)."""
+    """The last stage a train config runs (``stage=all``: the recipe's last; a cooldown: its own)."""
+    if ((cfg.get("cooldown") or {}).get("checkpoint")):
+        from danube.tasks.cooldown import STAGE
+
+        return STAGE
     stages = [s["name"] for s in (cfg.get("recipe") or {}).get("stages") or []]
     last = stages[-1] if cfg.get("stage", "all") == "all" and stages else cfg.get("stage")
     return None if last in (None, "all") else str(last)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from danube.schedule import format_plan, lr_at, plan_stages
+from danube.schedule import Schedule, format_plan, lr_at, plan_stages
 from tests.train.conftest import compose_train
 
 KW = dict(lr=2e-4, min_lr=1e-5, warmup=2_359_296_000, total=10**12)
@@ -31,8 +31,8 @@ def test_report_plan_on_8_gpus():
     assert all(p.grad_accum == 9 for p in plans)  # 8 GPUs x 16,384 tokens x 9 = 1,179,648
     assert plans[0].steps == 700_000_000_000 // 1_179_648
     assert plans[1].start_tokens == plans[0].end_tokens  # stages follow each other exactly
-    text = format_plan(plans, lr=2e-4, min_lr=1e-5, warmup_tokens=2_359_296_000, tokens_per_sec=292_700,
-                       world_size=8, global_batch_tokens=1_179_648)
+    schedule = Schedule(lr=2e-4, min_lr=1e-5, warmup=2_359_296_000, total=plans[-1].end_tokens)
+    text = format_plan(plans, schedule=schedule, tokens_per_sec=292_700, world_size=8, global_batch_tokens=1_179_648)
     hours = plans[-1].end_tokens / 292_700 / 3600
     assert f"{hours:,.1f} h" in text and "seq16k" in text
 

@@ -18,8 +18,8 @@ from danube.config.door import ConfigError, one_line, typed, with_defaults
 from danube.config.evaluate import EvaluateConfig, JudgeConfig, SuiteConfig, SuiteTaskConfig
 from danube.config.finetune import (ChatDataConfig, ChatSourceConfig, FinetuneConfig, FinetuneLoopConfig,
                                     FinetuneOptimConfig, LoraConfig, LossConfig)
-from danube.config.train import (DataConfig, LoopConfig, OptimConfig, PerfConfig, PretrainConfig, RecipeConfig,
-                                 StageConfig)
+from danube.config.train import (CooldownConfig, DataConfig, LoopConfig, OptimConfig, PerfConfig, PretrainConfig,
+                                 RecipeConfig, StageConfig)
 from danube.model.config import DanubeConfig
 from danube.precision import PrecisionConfig
 from danube.settings import setting
@@ -46,7 +46,7 @@ def model_preset(path) -> DanubeConfig:
 for _script, _schema in SCHEMAS.items():
     ConfigStore.instance().store(name=f"{_script}_schema", node=_schema)
 
-__all__ = ["SCHEMAS", "ChatDataConfig", "ChatSourceConfig", "ConfigError", "DanubeConfig", "DataConfig",
+__all__ = ["SCHEMAS", "ChatDataConfig", "ChatSourceConfig", "ConfigError", "CooldownConfig", "DanubeConfig", "DataConfig",
            "EvaluateConfig", "FinetuneConfig", "FinetuneLoopConfig", "FinetuneOptimConfig", "JudgeConfig",
            "LoopConfig", "LoraConfig", "LossConfig", "NumericsConfig", "OptimConfig", "PathsConfig", "PerfConfig",
            "PrecisionConfig", "PretrainConfig", "RecipeConfig", "StageConfig", "SuiteConfig", "SuiteTaskConfig",

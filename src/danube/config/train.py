@@ -14,10 +14,12 @@ from typing import Any, ClassVar
 from omegaconf import MISSING
 
 from danube.config.common import NumericsConfig, PathsConfig, TrainerConfig
+from danube.config.door import with_defaults
 from danube.settings import check_ranges, setting, shown
 from danube.model.config import DanubeConfig
 from danube.precision import PrecisionConfig
-from danube.schedule import StagePlan, check_mixture, check_weights, plan_stages
+from danube.schedule import (DECAY_SHAPES, SCHEDULES, Schedule, StagePlan, check_mixture, check_weights,
+                             plan_stages)
 
 DATA_KINDS = ("sample", "sample_sources", "shards")
 RESUME_CHOICES = ("auto", "never")
@@ -78,11 +80,18 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """``optim`` (conf/optim/adamw.yaml): AdamW and the token-keyed cosine schedule over the whole recipe."""
+    """``optim`` (conf/optim/adamw.yaml): AdamW and the token-keyed LR schedule over the whole recipe."""
 
     lr: float = setting(2e-4, "peak learning rate, reached at the end of warm-up", above=0)
-    min_lr: float = setting(1e-5, "where the cosine ends, at the recipe's last token", min=0)
+    min_lr: float = setting(1e-5, "where the schedule ends, at the recipe's last token", min=0)
     warmup_tokens: int = setting(2_359_296_000, "linear warm-up from 0 over this many tokens", min=0)
+    schedule: str = setting("cosine", "cosine (the report's) | wsd: warm-up, constant lr, then a decay to min_lr "
+                                      "over the run's last tokens", choices=SCHEDULES)
+    decay_fraction: float = setting(0.2, "wsd: the decay's share of the run's tokens (all stages; at most those after "
+                                         "the warm-up)", above=0, max=1)
+    decay_tokens: int | None = setting(None, "wsd: the decay's length in tokens, instead of decay_fraction", min=1)
+    decay_shape: str = setting("linear", "wsd's and cooldowns' decay (sqrt: 1 - sqrt, fast at first)",
+                               choices=DECAY_SHAPES)
     betas: list[float] = setting(doc="AdamW's (beta1, beta2), each in [0, 1)", factory=lambda: [0.9, 0.95])
     eps: float = setting(1e-8, "AdamW's epsilon", above=0)
     weight_decay: float = setting(0.1, "on every matrix, never the norms", min=0)
@@ -94,8 +103,33 @@ class OptimConfig:
         check_ranges(self, "optim")
         check_betas(self.betas, "optim")
         if self.min_lr > self.lr:
-            raise ValueError(f"optim.min_lr={shown(self.min_lr)} is above optim.lr={shown(self.lr)}: the cosine "
+            raise ValueError(f"optim.min_lr={shown(self.min_lr)} is above optim.lr={shown(self.lr)}: the schedule "
                              "decays from lr to min_lr")
+        if self.schedule == "cosine" and self.decay_tokens is not None:
+            raise ValueError(f"optim.decay_tokens={self.decay_tokens} is a setting of optim.schedule=wsd; the cosine "
+                             "decays from the warm-up's end to the last token")
+
+    def schedule_over(self, total_tokens: int) -> Schedule:
+        """The LR schedule of a run of ``total_tokens`` (all stages); one line naming the keys when it cannot fit."""
+        if self.warmup_tokens > total_tokens:
+            raise ValueError(f"optim.warmup_tokens={self.warmup_tokens:,} is longer than the run's {total_tokens:,} "
+                             "tokens (all stages)")
+        if self.schedule == "cosine":
+            return Schedule(lr=self.lr, min_lr=self.min_lr, warmup=self.warmup_tokens, total=total_tokens)
+        room = total_tokens - self.warmup_tokens
+        if self.decay_tokens is not None:
+            decay = self.decay_tokens
+            if decay > room:
+                raise ValueError(f"optim.decay_tokens={decay:,}: the decay is longer than the run's {room:,} tokens "
+                                 f"after the warm-up (optim.warmup_tokens={self.warmup_tokens:,} of {total_tokens:,} "
+                                 "in all stages)")
+        else:  # a share of the whole run, at most what follows the warm-up (1: decay from the warm-up's end)
+            decay = min(round(self.decay_fraction * total_tokens), room)
+            if decay < 1:
+                raise ValueError(f"optim.decay_fraction={shown(self.decay_fraction)} of the run's {total_tokens:,} "
+                                 f"tokens (after a warm-up of {self.warmup_tokens:,}) leaves no token to decay over")
+        return Schedule(lr=self.lr, min_lr=self.min_lr, warmup=self.warmup_tokens, total=total_tokens, kind="wsd",
+                        decay=decay, shape=self.decay_shape)
 
 
 def check_betas(betas: list[float], section: str) -> None:
@@ -123,6 +157,26 @@ class LoopConfig(NumericsConfig):
 
 
 @dataclass
+class CooldownConfig:
+    """``cooldown``: a decay branched from a checkpoint of a run into its own run directory (README: cooldowns)."""
+
+    checkpoint: str | None = setting(None, "a checkpoint of a run (RUN/STAGE/checkpoints/stepN.ckpt, last.ckpt or "
+                                           "final.ckpt): the branch starts from its weights, optimizer, tokens and "
+                                           "data position; that run is only read")
+    tokens: int | None = setting(None, "the decay's length in tokens, whole optimizer steps of "
+                                       "train.global_batch_tokens", min=1)
+    shape: str | None = setting(None, "the decay's shape; null: optim.decay_shape", choices=DECAY_SHAPES)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "cooldown")
+        if self.checkpoint and self.tokens is None:
+            raise ValueError(f"cooldown.checkpoint={self.checkpoint} needs cooldown.tokens=N: the tokens to decay over")
+        if self.tokens is not None and not self.checkpoint:
+            raise ValueError(f"cooldown.tokens={self.tokens} needs cooldown.checkpoint=PATH: the checkpoint of a run "
+                             "to branch from")
+
+
+@dataclass
 class PerfConfig:
     """``perf``: what throughput is measured against."""
 
@@ -146,6 +200,7 @@ class PretrainConfig:
     paths: PathsConfig = setting(doc="where data and runs live", factory=PathsConfig)
     train: LoopConfig = setting(doc="batch geometry, intervals, numerics", factory=LoopConfig)
     perf: PerfConfig = setting(doc="throughput accounting", factory=PerfConfig)
+    cooldown: CooldownConfig = setting(doc="a decay branched from a run's checkpoint", factory=CooldownConfig)
     name: str | None = setting(None, "names the run directory; default: the model preset's name")
     run_dir: str | None = setting(None, "default: ${paths.runs_dir}/${name}; in a multirun, each job's own folder")
     stage: str = setting("all", "a stage of the recipe, or all: every stage back to back")
@@ -170,6 +225,9 @@ class PretrainConfig:
         laptop hears that first, not that its batch does not divide over 8.
         """
         plans = self.plans()
+        if self.cooldown.checkpoint and self.stage != "all":
+            raise ValueError(f"stage={self.stage} with cooldown.checkpoint: a cooldown runs one stage of its own, at "
+                             "its checkpoint's sequence length; leave stage unset")
         if self.stage != "all" and self.stage not in [p.name for p in plans]:
             raise ValueError(f"stage={self.stage!r} is not in this recipe; allowed: all, "
                              f"{', '.join(p.name for p in plans)}")
@@ -177,6 +235,7 @@ class PretrainConfig:
             if p.seq_len > self.model.max_seq_len:
                 raise ValueError(f"stage {p.name}: seq_len={p.seq_len} exceeds model.max_seq_len="
                                  f"{self.model.max_seq_len}")
+        self.optim.schedule_over(plans[-1].end_tokens)  # a decay that cannot fit, in one line
         names = self.source_names()
         mixtures = [("data.weights", self.data.weights)] + [(f"recipe stage {p.name!r} weights", p.weights)
                                                             for p in plans]
@@ -211,3 +270,14 @@ class PretrainConfig:
         from danube.data.pretrain import named_sources
 
         return list(named_sources(sources))
+
+
+def upgrade_recorded(recorded: dict | None) -> dict | None:
+    """A config an earlier release recorded, in today's terms: renamed keys moved, new settings at their defaults."""
+    if not recorded:
+        return recorded
+    recorded = dict(recorded)
+    for old, new in PretrainConfig.RENAMED.items():
+        if old in recorded:
+            recorded.setdefault(new, recorded.pop(old))
+    return with_defaults(recorded, PretrainConfig)

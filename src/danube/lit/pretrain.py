@@ -24,18 +24,20 @@ from danube.model.transformer import linear_no_bias
 from danube.optim import adamw
 from danube.config import OptimConfig
 from danube.precision import PrecisionConfig, convert_to_float8, fp8_autocast, te_linear_factory
-from danube.schedule import lr_at
+from danube.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
 
 class PretrainModule(ClipsGradients):
-    """Danube pretraining: AdamW, token-keyed cosine LR, chunked cross-entropy.
+    """Danube pretraining: AdamW, a token-keyed LR schedule, chunked cross-entropy.
 
     Args:
         model: the architecture (a ``DanubeConfig``, or its fields; recorded in hparams as fields).
         optim: AdamW and the LR schedule (an ``OptimConfig``, or its fields; recorded as fields).
-        total_tokens: tokens of the whole recipe (all stages): where the cosine ends.
+        total_tokens: tokens of the whole recipe (all stages): where ``optim``'s schedule ends.
+        schedule: the LR schedule in tokens, given whole (a cooldown's); default: ``optim``'s over
+            ``total_tokens`` (:meth:`danube.config.OptimConfig.schedule_over`).
         seq_len: this stage's sequence length (logged as ``train/seq_len``).
         stage: this stage's name (recorded in checkpoints, so ``resume=PATH`` knows its stage).
         precision: a ``PrecisionConfig`` or its fields (``fp8: true``: the block projections in FP8
@@ -52,8 +54,9 @@ class PretrainModule(ClipsGradients):
         model: DanubeConfig | dict,
         optim: OptimConfig | dict,
         *,
-        total_tokens: int,
+        total_tokens: int | None = None,
         seq_len: int,
+        schedule: Schedule | dict | None = None,
         stage: str | None = None,
         precision: PrecisionConfig | dict | None = None,
         log_every_n_steps: int = 10,
@@ -67,13 +70,18 @@ class PretrainModule(ClipsGradients):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optim", "precision"])
+        self.save_hyperparameters(ignore=["model", "optim", "precision", "schedule"])
         self.config = model if isinstance(model, DanubeConfig) else DanubeConfig.from_dict(model)
         self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
         self.precision = precision if isinstance(precision, PrecisionConfig) else PrecisionConfig(**(precision or {}))
         # Plain values in hparams: checkpoints load with weights_only.
+        if schedule is None:
+            if total_tokens is None:
+                raise TypeError("PretrainModule needs total_tokens or a schedule")
+            schedule = self.optim.schedule_over(int(total_tokens))
+        self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(**schedule)
         self.hparams.update(model=self.config.to_dict(), optim=dataclasses.asdict(self.optim),
-                            precision=dataclasses.asdict(self.precision))
+                            precision=dataclasses.asdict(self.precision), schedule=dataclasses.asdict(self.schedule))
         self.model = None
         self.tokens_seen = 0
         self.fp8_backend = self.precision.fp8_backend
@@ -131,13 +139,11 @@ class PretrainModule(ClipsGradients):
                      fused=o.fused)
 
     def lr_now(self) -> float:
-        """The LR at the tokens seen so far (:func:`danube.schedule.lr_at`)."""
-        o = self.optim
-        return lr_at(self.tokens_seen, lr=o.lr, min_lr=o.min_lr, warmup=o.warmup_tokens,
-                     total=int(self.hparams.total_tokens))
+        """The LR at the tokens seen so far (:class:`danube.schedule.Schedule`)."""
+        return self.schedule(self.tokens_seen)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # tokens_seen already counts this step's batch (see danube.schedule.lr_at).
+        # tokens_seen already counts this step's batch (see danube.schedule.Schedule).
         lr = self.lr_now()
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -34,15 +34,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from danube import logs, rundir
 from danube.callbacks import StepBoundary, mean_validation_loss, sigterm_absorbed_when_leaving
-from danube.checkpoints import check_checkpoint, load_checkpoint, newest_intact
-from danube.config import DanubeConfig, PretrainConfig, typed, with_defaults
+from danube.checkpoints import check_checkpoint, checkpoint_stage, load_checkpoint, newest_intact
+from danube.config import DanubeConfig, PretrainConfig, typed
+from danube.config.train import upgrade_recorded
 from danube.config import hydra_runtime
 from danube.config.train import RESUME_CHOICES
 from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_write_text, remove_stale_temps
 from danube.model.attention import check_backend_available
 from danube.model.io import check_model_dir, check_state_dict, is_model_dir, read_config, save_model_dir, tokenizer_path
-from danube.schedule import StagePlan, format_mixture, format_plan
+from danube.schedule import Schedule, StagePlan, format_mixture, format_plan
 from danube.tasks.trainer import build_trainer, check_hardware, peak_flops
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ FINAL_CKPT = "final.ckpt"
 # depend on them: a run resumes on another number of devices), and the data mixture (a stage's weights, or
 # data.weights: a change on a resume applies from the resumed step on, every source keeping its position).
 IDENTITY_KEYS = ("model", "data.kind", "data.sources", "data.tokenizer", "data.vocab_size", "data.piece_tokens",
-                 "data.lanes", "recipe", "seed", "model_dir", "train.global_batch_tokens")
+                 "data.lanes", "recipe", "seed", "model_dir", "train.global_batch_tokens", "cooldown")
 COSMETIC_KEYS = ("model.attn_backend", "data.num_workers", "data.root", "train.log_every_n_steps",
                  "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
                  "train.keep_checkpoints", "train.compile", "train.activation_checkpointing",
@@ -272,17 +273,19 @@ def checkpoint_step(path: str | Path) -> int:
     return int(load_checkpoint(path, mmap=True)["global_step"])
 
 
-def stage_start(job: PretrainConfig, plan: StagePlan, plans: list[StagePlan], run_dir: Path) -> tuple[str | None, str | None]:
-    """(ckpt_path to resume this stage from, what to start from: the previous stage's final checkpoint or model_dir)."""
+def stage_start(job: PretrainConfig, plan: StagePlan, plans: list[StagePlan], run_dir: Path,
+                start_from: str | None) -> tuple[str | None, str | None]:
+    """(ckpt_path to resume this stage from, what to start from: the previous stage's final checkpoint, or for the
+    first stage ``start_from``)."""
     resume = job.resume
-    if resume not in RESUME_CHOICES and resume_stage(resume, plans) == plan.name:
+    if resume not in RESUME_CHOICES and checkpoint_stage(resume, plans) == plan.name:
         return resume, None
     if resume == "auto":
         found = newest_intact(run_dir / plan.name / "checkpoints")
         if found is not None:
             return str(found[1]), None
     if plan.index == 0:
-        return None, job.model_dir
+        return None, start_from
     prev = plans[plan.index - 1]
     final = run_dir / prev.name / FINAL_CKPT
     if not final.is_file():
@@ -301,32 +304,12 @@ def stage_start(job: PretrainConfig, plan: StagePlan, plans: list[StagePlan], ru
     return None, str(final)
 
 
-def resume_stage(resume: str, plans: list[StagePlan]) -> str:
-    """The stage a ``resume=PATH`` checkpoint belongs to (read from the checkpoint, memory-mapped)."""
-    path = Path(resume)
-    problem = check_checkpoint(path)
-    if problem:
-        raise ValueError(f"resume={path}: {problem}")
-    ckpt = load_checkpoint(path, mmap=True)
-    info = ckpt.get("danube") if isinstance(ckpt, dict) else None
-    if not info:
-        raise ValueError(f"resume={path} is not a danube pretraining checkpoint (no 'danube' entry)")
-    name = info.get("stage")
-    if name is None:  # checkpoints before stage names were recorded: the stage with that sequence length
-        names = [p.name for p in plans if p.seq_len == info.get("seq_len")]
-        name = names[0] if len(names) == 1 else None
-    if name not in [p.name for p in plans]:
-        raise ValueError(f"resume={path} belongs to stage {name!r}, which is not in this recipe "
-                         f"({', '.join(p.name for p in plans)})")
-    return name
-
-
-def check_resume_path(job: PretrainConfig, plans: list[StagePlan], run_dir: Path) -> None:
+def check_resume_path(job: PretrainConfig, plans: list[StagePlan], selected: list[StagePlan], run_dir: Path) -> None:
     """``resume=PATH`` applies to the stage it was saved in, which must be selected; the stages before it must be complete."""
     if job.resume in RESUME_CHOICES:
         return
-    name = resume_stage(job.resume, plans)
-    selected = [p.name for p in job.selected()]
+    name = checkpoint_stage(job.resume, plans)
+    selected = [p.name for p in selected]
     if name not in selected:
         raise ValueError(f"resume={job.resume} is a checkpoint of stage {name}, but stage={job.stage} "
                          f"runs {', '.join(selected)}; pass stage={name} or stage=all")
@@ -391,26 +374,28 @@ def mixtures_apart(config: dict | None) -> dict | None:
     return config
 
 
-def upgrade_recorded(recorded: dict | None) -> dict | None:
-    """A config an earlier release recorded, in today's terms: renamed keys moved, new settings at their defaults."""
-    if not recorded:
-        return recorded
-    recorded = dict(recorded)
-    for old, new in PretrainConfig.RENAMED.items():
-        if old in recorded:
-            recorded.setdefault(new, recorded.pop(old))
-    return with_defaults(recorded, PretrainConfig)
-
-
 def run(cfg: DictConfig) -> TrainResult | None:
-    """Train the selected stage(s) of the composed config. With ``plan=true``, print the schedule and return None."""
+    """Train the selected stage(s) of the composed config. With ``plan=true``, print the schedule and return None.
+
+    With ``cooldown.checkpoint`` the run is a cooldown branched from that checkpoint
+    (:mod:`danube.tasks.cooldown`): one stage, its own run directory.
+    """
     job = checked(cfg)
     plans = job.plans()
+    branch = None
+    if job.cooldown.checkpoint:
+        from danube.tasks.cooldown import open_branch
+
+        branch = open_branch(job, plans, recorded_config(cfg))
     if job.plan:
-        o = job.optim
-        print(format_plan(plans, lr=o.lr, min_lr=o.min_lr, warmup_tokens=o.warmup_tokens,
+        print(format_plan([branch.plan] if branch else plans,
+                          schedule=branch.schedule if branch else job.optim.schedule_over(plans[-1].end_tokens),
                           tokens_per_sec=job.plan_tokens_per_sec, world_size=job.trainer.world_size,
                           global_batch_tokens=job.train.global_batch_tokens))
+        if branch:
+            from danube.tasks.cooldown import describe
+
+            print(describe(branch))
         return None
     runtime = job.train.pin(job.trainer)  # before any compute: MKL reads its mode at its first call
     sources, weights, tokenizer = prepare_data(job)
@@ -421,15 +406,24 @@ def run(cfg: DictConfig) -> TrainResult | None:
         )
     if job.model_dir:
         check_start_tokenizer(Path(job.model_dir), tokenizer)
-    run_dir = rundir.resolve(job.run_dir, name=job.name or hydra_runtime.choice("model"), runs_dir=job.paths.runs_dir,
+    run_dir = rundir.resolve(job.run_dir or (branch.default_run_dir() if branch and not hydra_runtime.job_dir() else None),
+                             name=job.name or hydra_runtime.choice("model"), runs_dir=job.paths.runs_dir,
                              job_dir=hydra_runtime.job_dir())
+    if branch:
+        from danube.tasks.cooldown import check_run_dir
+
+        check_run_dir(branch, run_dir)
     with rundir.lock(run_dir), sigterm_absorbed_when_leaving():
-        return _run_locked(job, recorded_config(cfg, tokenizer), plans, run_dir, sources, weights, tokenizer, runtime)
+        return _run_locked(job, recorded_config(cfg, tokenizer), plans, run_dir, sources, weights, tokenizer, runtime,
+                           branch)
 
 
 def _run_locked(job: PretrainConfig, config: dict, plans: list[StagePlan], run_dir: Path, sources, weights,
-                tokenizer: Tokenizer, runtime: dict) -> TrainResult:
-    selected = job.selected()
+                tokenizer: Tokenizer, runtime: dict, branch=None) -> TrainResult:
+    if branch is not None:  # a cooldown: its one stage is this run's recipe
+        plans = selected = [branch.plan]
+    else:
+        selected = job.selected()
     check_fresh_run_dir(job, run_dir)
     recorded = upgrade_recorded(rundir.read_recorded(run_dir))
     finished = all(read_complete(run_dir / p.name) is not None for p in selected)
@@ -437,7 +431,7 @@ def _run_locked(job: PretrainConfig, config: dict, plans: list[StagePlan], run_d
                                    cosmetic=COSMETIC_KEYS, ignore=IGNORED_KEYS + ("data.tokenizer_sha256",),
                                    finished=finished)
     check_finished_models(run_dir, plans, job.model)
-    check_resume_path(job, plans, run_dir)
+    check_resume_path(job, plans, selected, run_dir)
     recorded_tok = ((recorded or {}).get("data") or {}).get("tokenizer_sha256")
     if recorded_tok and recorded_tok != tokenizer.checksum:
         raise rundir.ConfigChanged(
@@ -452,30 +446,38 @@ def _run_locked(job: PretrainConfig, config: dict, plans: list[StagePlan], run_d
         entry = rundir.record_invocation(run_dir, config, changes, runtime)
         log_file = logs.log_to_file(run_dir / "logs" / f"{entry.stem}.log")
     try:
-        return _train_stages(job, plans, selected, run_dir, sources, weights, tokenizer, log_file)
+        return _train_stages(job, plans, selected, run_dir, sources, weights, tokenizer, log_file, branch)
     finally:
         if log_file is not None:
             logs.close_file(log_file)
 
 
-def _train_stages(job: PretrainConfig, plans, selected, run_dir, sources, weights, tokenizer, log_file) -> TrainResult:
+def _train_stages(job: PretrainConfig, plans, selected, run_dir, sources, weights, tokenizer, log_file,
+                  branch=None) -> TrainResult:
     L.seed_everything(job.seed, workers=True)
     start = time.perf_counter()
-    total_tokens = plans[-1].end_tokens
+    schedule = branch.schedule if branch else job.optim.schedule_over(plans[-1].end_tokens)
+    if branch:
+        from danube.tasks.cooldown import describe, pin_start
+
+        log.info(describe(branch))
+        start_from = str(pin_start(branch, run_dir))
     result, done, trained = None, [], 0
     for plan in selected:
-        result = run_stage(job, plan, plans, run_dir, total_tokens, sources, weights, tokenizer)
+        result = run_stage(job, plan, plans, run_dir, schedule, sources, weights, tokenizer,
+                           start_from=start_from if branch else job.model_dir,
+                           longest_seq_len=branch.longest_seq_len if branch else max(p.seq_len for p in plans))
         trained += result.trained_now
         if not result.complete:
             break
         done.append(plan.name)
     summarize(result, selected, done, trained, time.perf_counter() - start, job.train.max_steps,
-              Path(log_file.baseFilename) if log_file else None)
+              Path(log_file.baseFilename) if log_file else None, branch)
     return result
 
 
 def summarize(result: TrainResult, selected: list[StagePlan], done: list[str], trained: int, seconds: float,
-              max_steps: int | None, log_path: Path | None) -> None:
+              max_steps: int | None, log_path: Path | None, branch=None) -> None:
     """What the invocation did, its final losses and where each output is."""
     losses = ", ".join(f"{name} {value:.4f}" for name, value in (("train loss", result.final_train_loss),
                                                                   ("val loss", result.final_val_loss))
@@ -495,6 +497,14 @@ def summarize(result: TrainResult, selected: list[StagePlan], done: list[str], t
              f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}  (danube plot {result.run_dir})"]
     if log_path:
         lines.append(f"  log:         {log_path}")
+    if branch is not None and result.complete and result.final_val_loss is not None:
+        from danube.tasks.cooldown import parent_val_loss
+
+        before = parent_val_loss(branch)
+        there = (f"{before[1]:.4f} (the parent's, at {before[0]:,} tokens)" if before else
+                 f"? (the parent logged none by {branch.tokens_seen:,} tokens)")
+        lines.append(f"  cooldown:    val loss {there} -> {result.final_val_loss:.4f} after "
+                     f"{branch.plan.tokens:,} tokens of {branch.schedule.shape} decay from {branch.tokens_seen:,}")
     log.info("\n".join(lines))
 
 
@@ -502,7 +512,16 @@ def tokens_at_step(plan: StagePlan, step: int, global_batch_tokens: int) -> int:
     return plan.start_tokens + step * global_batch_tokens
 
 
-def run_stage(job: PretrainConfig, plan, plans, run_dir, total_tokens, sources, weights, tokenizer) -> TrainResult:
+def run_stage(job: PretrainConfig, plan, plans, run_dir, schedule, sources, weights, tokenizer, *,
+              start_from: str | None, longest_seq_len: int) -> TrainResult:
+    """Train (or resume, or skip when complete) one stage of ``plans``.
+
+    Args:
+        schedule: the LR schedule, in tokens, of the whole run.
+        start_from: what the first stage starts from: a model directory (``model_dir``), a
+            cooldown's checkpoint, or None (fresh weights).
+        longest_seq_len: the recipe's longest sequence length (the walk through the data is cut by it).
+    """
     from danube.data.pretrain import PretrainDataModule
 
     t = job.train
@@ -516,7 +535,7 @@ def run_stage(job: PretrainConfig, plan, plans, run_dir, total_tokens, sources, 
             log.info("stage %s is already complete (%s): skipping", plan.name, stage_dir / COMPLETE_FILE)
             return TrainResult(run_dir, model_dir, int(done["tokens_seen"]), done.get("final_train_loss"),
                                done.get("final_val_loss"))
-    ckpt_path, init_from = stage_start(job, plan, plans, run_dir)
+    ckpt_path, init_from = stage_start(job, plan, plans, run_dir, start_from)
     resumed_step = checkpoint_step(ckpt_path) if ckpt_path else 0
     max_steps = plan.steps if t.max_steps is None else min(plan.steps, t.max_steps)
     log.info("stage %s: seq_len %d, %s tokens, %d steps, micro-batch %d x %d accumulation%s", plan.name,
@@ -529,14 +548,14 @@ def run_stage(job: PretrainConfig, plan, plans, run_dir, total_tokens, sources, 
         sources=sources, weights=weights, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
         global_batch_size=t.global_batch_tokens // plan.seq_len, steps=plan.steps, seed=job.seed,
         num_workers=job.data.num_workers, tokenizer_checksum=tokenizer.checksum, val_batches=t.val_batches,
-        world_size=job.trainer.world_size, longest_seq_len=max(p.seq_len for p in plans),
+        world_size=job.trainer.world_size, longest_seq_len=longest_seq_len,
         piece_tokens=job.data.piece_tokens, lanes=job.data.lanes,
         start=stage_position(init_from, job.data.resume_old_order), record_dir=stage_dir / "data",
         resume_old_order=job.data.resume_old_order,
     )
     if ckpt_path:
         stage_position(ckpt_path, job.data.resume_old_order)  # an old order is refused before the model is built
-    module = build_module(job, plan, total_tokens, init_from, tokenizer, list(sources))
+    module = build_module(job, plan, schedule, init_from, tokenizer, list(sources))
     # A resumed (or restarted) stage logs its steps again: hide what an earlier attempt logged after its
     # checkpoint -- or, restarted from the stage's start, all it logged (its first point too, logged again).
     events = any((run_dir / "tensorboard" / plan.name).glob("events.out.tfevents.*"))
@@ -623,14 +642,14 @@ def link_final(last: Path, final: Path) -> None:
             shutil.copyfile(last, tmp)
 
 
-def build_module(job: PretrainConfig, plan: StagePlan, total_tokens: int, init_from: str | None,
+def build_module(job: PretrainConfig, plan: StagePlan, schedule: Schedule, init_from: str | None,
                  tokenizer: Tokenizer, source_names: list[str]):
     from danube.lit.pretrain import PretrainModule
 
     return PretrainModule(
         model=job.model,
         optim=job.optim,
-        total_tokens=total_tokens,
+        schedule=schedule,
         seq_len=plan.seq_len,
         stage=plan.name,
         precision=job.precision,
