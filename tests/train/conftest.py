@@ -31,3 +31,23 @@ def data_root(tmp_path_factory):
 def small_run(tmp_path, data_root):
     """Overrides for a seconds-long two-stage run in tmp_path."""
     return [*SMALL, f"paths.data_dir={data_root}", f"paths.runs_dir={tmp_path}/runs", f"run_dir={tmp_path}/run"]
+
+
+# The distributed tests' config: two ranks (gloo), a checkpoint every 3 steps (a kill lands between checkpoints).
+TWO_RANKS = [*SMALL, "trainer.accelerator=cpu", "trainer.strategy=ddp", "train.checkpoint_every_n_steps=3"]
+
+
+@pytest.fixture(scope="session")
+def two_processes(tmp_path_factory, data_root):
+    """TWO_RANKS run as two local processes (Lightning starts the second): what a SLURM job or two torchrun nodes
+    must equal bit for bit. One run for the session: the launches it is compared with share it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run_dir = tmp_path_factory.mktemp("two_processes") / "run"
+    cmd = [sys.executable, "train.py", *TWO_RANKS, "trainer.devices=2", f"paths.data_dir={data_root}",
+           f"run_dir={run_dir}"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    return run_dir

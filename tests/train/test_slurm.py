@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from tests.conftest import REPO
 from tests.conftest import slurm_job as _job
 from tests.conftest import wait_slurm_job as _wait_done
-from tests.train.conftest import SMALL
+from tests.train.conftest import SMALL, TWO_RANKS
 
 pytestmark = pytest.mark.slow
 
 CPU = ["--ntasks-per-node=2", "--gpus-per-node=0"]
-ARGS = [*SMALL, "trainer.accelerator=cpu", "trainer.strategy=ddp", "train.checkpoint_every_n_steps=3"]
+ARGS = TWO_RANKS  # two_processes (tests/train/conftest.py) is the same run on two local processes
 
 
 def _sbatch(env: dict, out: Path, *args: str, options: tuple[str, ...] = ()) -> str:
@@ -48,15 +48,6 @@ def _same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     for stage in ("seq64", "seq128"):
         assert (a / stage / "data" / "steps.jsonl").read_text() == (b / stage / "data" / "steps.jsonl").read_text()
-
-
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, data_root) -> Path:
-    """The same run as two local processes (Lightning starts the second): what the SLURM job must equal."""
-    run_dir = tmp_path_factory.mktemp("local") / "run"
-    cmd = [sys.executable, "train.py", *ARGS, "trainer.devices=2", f"paths.data_dir={data_root}", f"run_dir={run_dir}"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    return run_dir
 
 
 def test_the_sbatch_script_trains_what_two_local_processes_train(slurm, two_processes, data_root, tmp_path):

@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from tests.train.conftest import SMALL
+from tests.train.conftest import TWO_RANKS
 
 pytestmark = pytest.mark.slow
 
-ARGS = [*SMALL, "train.checkpoint_every_n_steps=3"]
+ARGS = TWO_RANKS
 
 
 def _free_port() -> int:
@@ -54,14 +54,13 @@ def _kill_node(node: subprocess.Popen) -> None:
         os.kill(int(pid), signal.SIGKILL)
 
 
-def test_two_torchrun_nodes_train_what_two_local_processes_train_through_a_node_lost(data_root, tmp_path):
+def test_two_torchrun_nodes_train_what_two_local_processes_train_through_a_node_lost(data_root, two_processes,
+                                                                                    tmp_path):
     """A node killed after the first checkpoint: the other exits non-zero within seconds; the relaunch resumes.
 
     The relaunched job ends equal, bit for bit, to two local processes (``trainer.devices=2``).
     """
-    local = tmp_path / "local"
-    subprocess.run([sys.executable, "train.py", *ARGS, "trainer.devices=2", "trainer.strategy=ddp",
-                    f"paths.data_dir={data_root}", f"run_dir={local}"], cwd=REPO, check=True, capture_output=True)
+    local = two_processes
     run_dir = tmp_path / "nodes"
     nodes = _nodes(data_root, run_dir, _free_port())
     first = run_dir / "seq64" / "checkpoints" / "step00000003.ckpt"
