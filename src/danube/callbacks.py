@@ -216,14 +216,17 @@ class StepBoundary(SignalStop):
     """Everything that happens between two optimizer steps of a pretraining stage, in this order.
 
     1. validation, every ``val_every_n_steps`` steps and at the stage's last step;
-    2. a checkpoint, every ``every_n_steps`` steps and at the stage's last step;
-    3. a stop, when a signal arrived since the last boundary (:class:`SignalStop`): a
-       checkpoint is written (if step 2 wrote none), then :class:`Interrupted` is raised.
+    2. downstream evaluation (lm-eval tasks), every ``eval_every_n_steps`` steps and at the
+       stage's last step;
+    3. a checkpoint, every ``every_n_steps`` steps and at the stage's last step;
+    4. a stop, when a signal arrived since the last boundary (:class:`SignalStop`): a
+       checkpoint is written (if step 3 wrote none), then :class:`Interrupted` is raised.
 
     Nothing happens in the middle of gradient accumulation, so every checkpoint resumes
-    exactly, and one written after its step's validation makes a kill during that
-    validation repeat it rather than lose it. A run stopped at once by a second Ctrl-C
-    resumes from the newest checkpoint written before.
+    exactly, and one written after its step's validation and evaluation makes a kill during
+    them repeat them rather than lose them (a resume never repeats those of the step it
+    resumes from). A run stopped at once by a second Ctrl-C resumes from the newest
+    checkpoint written before.
 
     Args:
         dirpath: the stage's ``checkpoints/`` folder.
@@ -232,16 +235,20 @@ class StepBoundary(SignalStop):
         last_step: the stage's last optimizer step (its ``max_steps``).
         validate: runs one validation and returns its mean loss (None: no validation data).
         val_every_n_steps: validation interval (None: no validation).
+        evaluate: runs one downstream evaluation and logs it (every rank calls it).
+        eval_every_n_steps: its interval (None: no downstream evaluation).
     """
 
     stop_note = ", with a checkpoint"
     resumable = True
 
     def __init__(self, dirpath: Path, *, every_n_steps: int, keep: int, last_step: int,
-                 validate: Callable[[], float | None] | None = None, val_every_n_steps: int | None = None) -> None:
+                 validate: Callable[[], float | None] | None = None, val_every_n_steps: int | None = None,
+                 evaluate: Callable[[], None] | None = None, eval_every_n_steps: int | None = None) -> None:
         super().__init__()
         self.dirpath, self.every, self.keep, self.last_step = Path(dirpath), every_n_steps, keep, last_step
         self.validate, self.val_every = validate, val_every_n_steps
+        self.evaluate, self.eval_every = evaluate, eval_every_n_steps
         self.last_val: tuple[int, float] | None = None  # (step, val loss)
 
     def newest_kept(self) -> tuple[int, Path | None]:
@@ -256,6 +263,8 @@ class StepBoundary(SignalStop):
             loss = self.validate()
             if loss is not None:
                 self.last_val = (step, loss)
+        if self.evaluate is not None and self.eval_every and (step % self.eval_every == 0 or last):
+            self.evaluate()
         stop = self._stop_agreed(trainer)
         if stop or last or (self.every and step % self.every == 0):
             self.save(trainer)

@@ -151,3 +151,132 @@ def test_the_console_says_each_thing_once_and_ends_with_a_summary(tmp_path, data
             continue
         mode = path.stat().st_mode & 0o777
         assert mode == (0o750 if path.is_dir() else 0o640), (path, oct(mode))
+
+
+# -- downstream evaluation in the training loop ---------------------------------------------------
+EVAL_TASKS = ["chat_sample_mc", "sample_text"]  # the sample's multiple-choice task; a rolling log-likelihood
+
+
+def eval_overrides(tasks_dir: Path, every: int = 5) -> list[str]:
+    return [f"train.eval_every_n_steps={every}", f"train.eval_tasks=[{','.join(EVAL_TASKS)}]",
+            f"train.eval_include_path={tasks_dir}", "train.eval_limit=40"]
+
+
+@pytest.fixture(scope="module")
+def eval_tasks_dir(tmp_path_factory) -> Path:
+    """The task `danube chat-sample` ships, and a rolling log-likelihood task on its answers (a metric that moves)."""
+    import json
+
+    from danube.data.chat_sample import write_chat_sample
+
+    root = tmp_path_factory.mktemp("chat")
+    write_chat_sample(root)
+    tasks = root / "tasks"
+    docs = json.loads((tasks / "chat_sample_mc.json").read_text())
+    (tasks / "sample_text.json").write_text(json.dumps([{"text": d["choices"][d["label"]]} for d in docs]))
+    (tasks / "sample_text.yaml").write_text(
+        f"task: sample_text\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'sample_text.json'}\n"
+        'test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}\n"
+        "  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}\n")
+    return tasks
+
+
+def evaluate_py(model_dir: Path, tasks_dir: Path, out: Path) -> dict:
+    """What `python evaluate.py` gives for the in-loop tasks on a model directory: lm-eval's results."""
+    from hydra import compose, initialize_config_dir
+
+    from danube.tasks.evaluate import run as evaluate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"model_dir={model_dir}", f"tasks=[{','.join(EVAL_TASKS)}]",
+                                             f"include_path={tasks_dir}", "limit=40", f"output_path={out}",
+                                             "bootstrap_iters=0", "device=cpu"])
+    return evaluate(cfg)["results"]
+
+
+def logged_equals_evaluate_py(scalars: dict, tokens: int, results: dict) -> None:
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if filt == "none" and "stderr" not in metric:
+                at = dict(scalars[f"eval/{task}/{metric}"])[tokens]
+                assert at == pytest.approx(value, rel=1e-6), (task, metric, tokens)  # TensorBoard keeps float32
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, data_root, eval_tasks_dir):
+    """two_stage_run's config with an evaluation every 5 steps, stopped at step 7 and resumed."""
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    base = [*SMALL, f"paths.data_dir={data_root}", f"run_dir={run_dir}", *eval_overrides(eval_tasks_dir)]
+    run(compose_train([*base, "train.max_steps=7"]))
+    return run(compose_train(base))
+
+
+def test_evaluation_in_the_loop_is_logged_against_tokens_and_equals_evaluate_py(eval_run, eval_tasks_dir, tmp_path):
+    scalars = read_scalars(eval_run.run_dir)
+    # steps 5, 7 (where the first invocation stopped: its last step), 10 of seq64; 5 and 6 of seq128; each once
+    expected = [20480, 28672, 40960, 61440, 65536]
+    for tag in ("eval/chat_sample_mc/acc", "eval/chat_sample_mc/acc_norm", "eval/sample_text/word_perplexity",
+                "eval/sample_text/bits_per_byte", "perf/eval_seconds"):
+        assert [t for t, _ in scalars[tag]] == expected, tag
+    assert not [tag for tag in scalars if "stderr" in tag]
+    assert all(v > 0 for _, v in scalars["perf/eval_seconds"])
+    bpb = [v for _, v in scalars["eval/sample_text/bits_per_byte"]]
+    assert bpb[-1] < bpb[0]  # the model being trained is the one scored
+    for stage, tokens in (("seq64", 40960), ("seq128", 65536)):  # each stage's last step, its model directory
+        results = evaluate_py(eval_run.run_dir / stage / "model", eval_tasks_dir, tmp_path / f"{stage}.json")
+        logged_equals_evaluate_py(scalars, tokens, results)
+
+
+def test_evaluation_in_the_loop_changes_nothing_in_the_training(eval_run, two_stage_run):
+    """Same weights, losses and LR as the run without it (which was not stopped and resumed either)."""
+    from safetensors.torch import load_file
+
+    for stage in ("seq64", "seq128"):
+        ours, theirs = (load_file(str(r.run_dir / stage / "model" / "model.safetensors"))
+                        for r in (eval_run, two_stage_run))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), stage
+    ours, theirs = read_scalars(eval_run.run_dir), read_scalars(two_stage_run.run_dir)
+    stop = 28672  # where the first invocation stopped validated too (its last step)
+    for tag in ("train/loss", "val/loss", "train/lr", "train/grad_norm"):
+        assert [p for p in ours[tag] if tag != "val/loss" or p[0] != stop] == theirs[tag], tag
+    assert ours["perf/tokens_per_sec"][-1][1] > 0
+
+
+def test_an_eval_task_that_does_not_exist_stops_the_run_before_it_trains(small_run, eval_tasks_dir, tmp_path):
+    cfg = compose_train([*small_run, *eval_overrides(eval_tasks_dir), "train.eval_tasks=[chat_sample_mc,no_such_task]"])
+    with pytest.raises(ValueError) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "train.eval_tasks" in message and "'no_such_task'" in message
+    assert f"train.eval_include_path ({eval_tasks_dir})" in message
+    assert not (tmp_path / "run").exists()
+    cfg = compose_train([*small_run, *eval_overrides(tmp_path / "nowhere")])
+    with pytest.raises(FileNotFoundError, match=r"^train.eval_include_path=.*nowhere: not a directory$"):
+        run(cfg)
+    with pytest.raises(ValueError, match=r"train.eval_every_n_steps=5 needs train.eval_tasks=\[TASK,...\]"):
+        run(compose_train([*small_run, "train.eval_every_n_steps=5"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_evaluation_in_the_loop_on_two_processes_equals_evaluate_py(strategy, data_root, eval_tasks_dir, tmp_path):
+    """DDP shares the documents over the ranks, FSDP runs them all on every rank together: no rank hangs."""
+    from danube.checkpoints import load_checkpoint
+    from danube.model.io import save_model_dir
+    from danube.tasks.train import model_from_checkpoint
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *SMALL, f"paths.data_dir={data_root}", f"run_dir={run_dir}", "stage=seq64",
+           "train.max_steps=5", "train.checkpoint_every_n_steps=5", "trainer.devices=2",
+           f"trainer.strategy={strategy}", *eval_overrides(eval_tasks_dir)]
+    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    model_dir = tmp_path / "step5"
+    ckpt = load_checkpoint(run_dir / "seq64" / "checkpoints" / "step00000005.ckpt", mmap=True)
+    save_model_dir(model_from_checkpoint(ckpt), model_dir, tokenizer=data_root / "sample" / "tokenizer.model")
+    scalars = read_scalars(run_dir)
+    assert [t for t, _ in scalars["eval/chat_sample_mc/acc"]] == [20480]
+    logged_equals_evaluate_py(scalars, 20480, evaluate_py(model_dir, eval_tasks_dir, tmp_path / "step5.json"))

@@ -154,6 +154,32 @@ class LoopConfig(NumericsConfig):
     compile: bool = setting(False, "torch.compile each block")
     activation_checkpointing: bool = setting(False, "recompute each block's activations in backward")
     loss_chunk_tokens: int = setting(4096, "cross-entropy over the vocabulary in chunks of this many tokens", min=1)
+    eval_every_n_steps: int | None = setting(None, "lm-eval tasks (eval_tasks) on the model being trained every this "
+                                                   "many steps and at each stage's end; null or 0: off", min=0)
+    # Any, not list[str]: one name is a list of one, as evaluate.py's tasks.
+    eval_tasks: Any = setting(None, "lm-eval task names ([arc_easy,piqa] or one name), built in or in "
+                                    "eval_include_path")
+    eval_include_path: str | None = setting(None, "folder of extra task YAMLs, as evaluate.py's include_path")
+    eval_limit: float | None = setting(None, "at most this many documents per task (below 1: a fraction); null: all",
+                                       above=0)
+    eval_num_fewshot: int | None = setting(None, "examples in each eval prompt; null: the task's own", min=0)
+    eval_batch_size: int = setting(8, "eval sequences per forward", min=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.eval_tasks, str):
+            self.eval_tasks = [self.eval_tasks]
+        if self.eval_tasks is not None and (not isinstance(self.eval_tasks, (list, tuple))
+                                            or not all(isinstance(t, str) and t for t in self.eval_tasks)):
+            raise ValueError(f"train.eval_tasks={self.eval_tasks!r} must be lm-eval task names: [arc_easy,piqa]")
+        if self.eval_every_n_steps and not self.eval_tasks:
+            raise ValueError(f"train.eval_every_n_steps={self.eval_every_n_steps} needs train.eval_tasks=[TASK,...] "
+                             "(lm-eval task names, built in or in train.eval_include_path)")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether lm-eval tasks run during training."""
+        return bool(self.eval_every_n_steps and self.eval_tasks)
 
 
 @dataclass

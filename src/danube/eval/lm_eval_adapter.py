@@ -24,7 +24,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from danube.eval.inference import default_repetition_penalty, load_for_eval
+from danube.eval.inference import TextTokenizer, default_repetition_penalty, load_for_eval
+from danube.hf import REPORT_GENERATION
+from danube.model import Danube
 from danube.model.generate import SamplingParams, generate
 
 log = logging.getLogger(__name__)
@@ -62,17 +64,66 @@ class DanubeLM(TemplateLM):
         super().__init__()
         if kwargs:
             log.warning("DanubeLM ignores unknown arguments %s", sorted(kwargs))
-        self.model, self.tok = load_for_eval(pretrained, tokenizer, device, dtype)
+        model, tok = load_for_eval(pretrained, tokenizer, device, dtype)
+        # `hf` generates with the exported generation_config.json's defaults: so do we.
+        self._setup(model, tok, str(pretrained), batch_size, max_length, max_gen_toks,
+                    repetition_penalty if repetition_penalty is not None else default_repetition_penalty(pretrained))
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Danube,
+        tok: TextTokenizer,
+        name: str,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        repetition_penalty: float = REPORT_GENERATION["repetition_penalty"],
+        rank: int = 0,
+        world_size: int = 1,
+        progress: bool = False,
+    ) -> DanubeLM:
+        """A model already in memory (the one being trained), scored as a model directory of it would be.
+
+        The caller puts it in eval mode. ``repetition_penalty`` defaults to a danube model
+        directory's (:func:`~danube.eval.inference.default_repetition_penalty`). With
+        ``world_size`` > 1, lm-eval gives this process every ``world_size``-th document
+        from ``rank`` and gathers the metrics on rank 0 (``torch.distributed`` initialised).
+        ``progress``: the request bars (off: the training's console shows its own).
+        """
+        self = cls.__new__(cls)
+        TemplateLM.__init__(self)
+        self._setup(model, tok, name, batch_size, max_length, max_gen_toks, repetition_penalty)
+        self._rank, self._world_size = int(rank), int(world_size)
+        self.progress = progress
+        return self
+
+    def _setup(self, model: Danube, tok: TextTokenizer, name: str, batch_size: int | str, max_length: int | None,
+               max_gen_toks: int, repetition_penalty: float) -> None:
+        self.model, self.tok = model, tok
         self._device = next(self.model.parameters()).device
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_length = int(max_length or self.model.cfg.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
-        self.pretrained = str(pretrained)
-        # `hf` generates with the exported generation_config.json's defaults: so do we.
-        self.repetition_penalty = float(repetition_penalty if repetition_penalty is not None
-                                        else default_repetition_penalty(pretrained))
+        self.pretrained = name
+        self.repetition_penalty = float(repetition_penalty)
+        self.progress = True  # lm-eval's bars over the requests
+
+    # -- lm-eval's data-parallel protocol (used only when world_size > 1) ------------------------
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor)
+        return torch.stack(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        out = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
 
     @property
     def eot_token_id(self) -> int:
@@ -96,6 +147,9 @@ class DanubeLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     @torch.no_grad()
     def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
         """Log-softmax ``(B, T_max, V)`` of right-padded rows (causal: padding never seen)."""
@@ -115,7 +169,7 @@ class DanubeLM(TemplateLM):
 
         order = Collator(requests, sort_fn=longest_first)
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="danube loglikelihood")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress, desc="danube loglikelihood")
         for chunk in order.get_batched(n=self.batch_size):
             rows, conts = [], []
             for _, ctx, cont in chunk:
@@ -152,7 +206,7 @@ class DanubeLM(TemplateLM):
             ]
             windows.extend(w)
             counts.append(len(w))
-        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm or not self.progress)
         totals, i = [], 0
         for req, n in zip(requests, counts):
             total = sum(s for s, _ in scores[i : i + n])
@@ -169,7 +223,7 @@ class DanubeLM(TemplateLM):
             group_fn=lambda r: r[1],
         )
         results = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="danube generate_until")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress, desc="danube generate_until")
         for chunk in order.get_batched(n=self.batch_size):
             contexts, all_kwargs = zip(*chunk)
             kwargs = normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks)

@@ -71,19 +71,21 @@ def _dataset_of(task_manager, name: str) -> str:
     return f"{path}" + (f" (config {sub})" if sub else "")
 
 
-def check_available(task_manager, tasks: Iterable[str]) -> None:
+def check_available(task_manager, tasks: Iterable[str], tasks_key: str | None = None,
+                    include_key: str = "include_path") -> None:
     """Load every task (its dataset included) now, before any model work; one error names all that fail.
 
-    An unknown task name fails first (``ValueError``); then every task whose dataset is
-    neither cached nor in local files is listed in one :class:`DatasetUnavailableError`,
-    with the two ways to supply it.
+    An unknown task name fails first (``ValueError``, one line naming ``tasks_key`` when
+    given and ``include_key``, the setting it was looked for in); then every task whose
+    dataset is neither cached nor in local files is listed in one
+    :class:`DatasetUnavailableError`, with the two ways to supply it.
     """
     tasks = list(dict.fromkeys(tasks))
     unknown = [name for name in tasks if name not in task_manager.all_tasks]
     if unknown:
         raise ValueError(
-            f"unknown lm-eval task(s) {unknown}: not built-in tasks and not in include_path "
-            f"({task_manager.include_path or 'none given'})"
+            f"{tasks_key + ': ' if tasks_key else ''}unknown lm-eval task(s) {unknown}: not built-in tasks and not in "
+            f"{include_key} ({task_manager.include_path or 'none given'})"
         )
     missing: dict[str, str] = {}
     for name in tasks:
@@ -95,19 +97,28 @@ def check_available(task_manager, tasks: Iterable[str]) -> None:
             log.debug("task %s could not load its dataset", name, exc_info=True)
     if missing:
         listed = "\n".join(f"  {name}: {why}" for name, why in missing.items())
+        use = (f"{include_key}=FOLDER task_map={{{next(iter(missing))}: YOUR_TASK, ...}}" if tasks_key is None
+               else f"{include_key}=FOLDER and YOUR_TASK in {tasks_key}")
         raise DatasetUnavailableError(
             f"{len(missing)} of {len(tasks)} task(s) need datasets that are not available offline:\n{listed}\n"
-            "Supply them either (a) in the Hugging Face cache: run once with network access and `offline=false`, "
+            f"Supply them either (a) in the Hugging Face cache: run {'' if tasks_key is None else 'evaluate.py '}once "
+            "with network access and `offline=false`, "
             "keeping HF_DATASETS_CACHE/HF_HOME, then offline with the same cache dir; or (b) as local files: write a "
             "task YAML with `dataset_path: json` and `dataset_kwargs: {data_files: {test: FILE}}` into a folder, and "
-            f"run with include_path=FOLDER task_map={{{next(iter(missing))}: YOUR_TASK, ...}}"
+            f"run with {use}"
         )
 
 
-def task_manager(tasks: Iterable[str], include_path: str | None = None):
-    """lm-eval's task index with ``include_path``, every task of ``tasks`` checked loadable (datasets too)."""
+def task_manager(tasks: Iterable[str], include_path: str | None = None, *, check: bool = True,
+                 tasks_key: str | None = None, include_key: str = "include_path"):
+    """lm-eval's task index with ``include_path``, every task of ``tasks`` checked loadable (datasets too).
+
+    ``check=False`` skips the check (made once already: evaluation during training);
+    ``tasks_key`` and ``include_key`` are the settings an error names.
+    """
     manager = _task_index(str(include_path) if include_path else None)
-    check_available(manager, tasks)
+    if check:
+        check_available(manager, tasks, tasks_key, include_key)
     return manager
 
 
@@ -159,7 +170,7 @@ def run_tasks(
             model=lm, tasks=[t.task for t in group], num_fewshot=shots, limit=limit, task_manager=manager,
             bootstrap_iters=int(bootstrap_iters), log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed,
-        )
+        ) or {}  # None on the ranks other than 0 of a model that shares the work (lm.world_size > 1)
         for key in merged:
             merged[key].update(out.get(key) or {})
     scores: dict[str, float | None] = {}

@@ -254,6 +254,19 @@ class PretrainModule(ClipsGradients):
         if self.trainer.is_global_zero:
             log.info("%s tokens: val/loss %.4f", f"{self.tokens_seen:,}", loss)
 
+    def log_downstream(self, scalars: dict[str, float], seconds: float) -> None:
+        """Write ``eval/<task>/<metric>`` and ``perf/eval_seconds`` at the tokens seen; keep the time out of tokens/s.
+
+        Every rank calls it (the clock of each moves on); only rank zero has a logger.
+        """
+        if self._last_log is not None:  # perf/tokens_per_sec counts training time only
+            self._last_log = (self._last_log[0] + seconds, self._last_log[1])
+        if self.logger is not None:
+            self.logger.log_metrics({**scalars, "perf/eval_seconds": seconds}, step=self.tokens_seen)
+        if self.trainer.is_global_zero:
+            shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in scalars.items())
+            log.info("%s tokens: %s (%.1fs)", f"{self.tokens_seen:,}", shown, seconds)
+
     # -- checkpoints and stages ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._flush_source_tokens()  # every rank dumps the checkpoint, so the reduce is safe

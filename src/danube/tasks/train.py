@@ -61,6 +61,9 @@ COSMETIC_KEYS = ("model.attn_backend", "data.num_workers", "data.root", "train.l
                  "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
                  "train.keep_checkpoints", "train.compile", "train.activation_checkpointing",
                  "train.loss_chunk_tokens", "train.max_steps", "perf", "verbose")
+# Downstream evaluation reads the model, never changes it (danube.eval.in_training).
+COSMETIC_KEYS += ("train.eval_every_n_steps", "train.eval_tasks", "train.eval_include_path", "train.eval_limit",
+                  "train.eval_num_fewshot", "train.eval_batch_size")
 # model._target_: recorded by runs made before the model presets lost it (nothing ever instantiated it).
 IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths", "model._target_",
                 "init_from", "data.resume_old_order")
@@ -120,7 +123,20 @@ def checked(cfg: DictConfig) -> PretrainConfig:
         raise ValueError(f"resume={job.resume!r}: expected auto, never, or the path of an existing .ckpt file")
     if not job.plan and job.model_dir:
         check_start_model(Path(job.model_dir), job.model)
+    if not job.plan and job.train.evaluates:
+        from danube.eval.in_training import check_tasks
+
+        check_tasks(eval_plan(job), "train.eval_tasks", "train.eval_include_path")
     return job
+
+
+def eval_plan(job: PretrainConfig):
+    """``train.eval_*`` as the :class:`~danube.eval.in_training.EvalPlan` the training loop runs."""
+    from danube.eval.in_training import EvalPlan
+
+    t = job.train
+    return EvalPlan(tuple(t.eval_tasks), include_path=t.eval_include_path, limit=t.eval_limit,
+                    num_fewshot=t.eval_num_fewshot, batch_size=t.eval_batch_size)
 
 
 def check_multirun_job(job: PretrainConfig) -> None:
@@ -565,6 +581,7 @@ def run_stage(job: PretrainConfig, plan, plans, run_dir, schedule, sources, weig
     boundary = StepBoundary(
         stage_dir / "checkpoints", every_n_steps=t.checkpoint_every_n_steps, keep=t.keep_checkpoints,
         last_step=max_steps, val_every_n_steps=None if t.val_batches == 0 else min(t.val_every_n_steps, plan.steps),
+        eval_every_n_steps=t.eval_every_n_steps if t.evaluates else None,
     )
     trainer = build_trainer(
         job.trainer, job.precision, grad_clip=job.optim.grad_clip, log_every_n_steps=t.log_every_n_steps,
@@ -584,6 +601,8 @@ def run_stage(job: PretrainConfig, plan, plans, run_dir, schedule, sources, weig
         return loss
 
     boundary.validate = validate_once
+    if t.evaluates:
+        boundary.evaluate = lambda: evaluate_once(job, trainer, module, tokenizer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     expected = tokens_at_step(plan, max_steps, t.global_batch_tokens)
     if module.tokens_seen != expected:
@@ -607,6 +626,16 @@ def run_stage(job: PretrainConfig, plan, plans, run_dir, schedule, sources, weig
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other ranks go on to the next stage, which starts from final.ckpt
     return result
+
+
+def evaluate_once(job: PretrainConfig, trainer, module, tokenizer: Tokenizer) -> None:
+    """``train.eval_tasks`` on the model being trained, logged at the tokens seen (every rank calls it)."""
+    from danube.eval.in_training import evaluate_in_training
+
+    scalars, seconds = evaluate_in_training(module.model, tokenizer.model_file, eval_plan(job),
+                                            rank=trainer.global_rank, world_size=trainer.world_size,
+                                            sharded=job.trainer.strategy == "fsdp")
+    module.log_downstream(scalars, seconds)
 
 
 def stage_position(path: str | None, resume_old_order: bool) -> dict | None:
