@@ -60,10 +60,10 @@ IDENTITY_KEYS = ("model", "data.kind", "data.sources", "data.tokenizer", "data.v
 COSMETIC_KEYS = ("model.attn_backend", "data.num_workers", "data.root", "train.log_every_n_steps",
                  "train.val_every_n_steps", "train.val_batches", "train.checkpoint_every_n_steps",
                  "train.keep_checkpoints", "train.compile", "train.activation_checkpointing",
-                 "train.loss_chunk_tokens", "train.max_steps", "perf", "verbose")
-# Downstream evaluation reads the model, never changes it (danube.eval.in_training).
-COSMETIC_KEYS += ("train.eval_every_n_steps", "train.eval_tasks", "train.eval_include_path", "train.eval_limit",
-                  "train.eval_num_fewshot", "train.eval_batch_size")
+                 "train.loss_chunk_tokens", "train.max_steps", "perf", "verbose",
+                 # downstream evaluation reads the model, never changes it (danube.eval.in_training)
+                 "train.eval_every_n_steps", "train.eval_tasks", "train.eval_include_path", "train.eval_limit",
+                 "train.eval_num_fewshot", "train.eval_batch_size")
 # model._target_: recorded by runs made before the model presets lost it (nothing ever instantiated it).
 IGNORED_KEYS = ("name", "run_dir", "stage", "resume", "plan", "plan_tokens_per_sec", "paths", "model._target_",
                 "init_from", "data.resume_old_order")
