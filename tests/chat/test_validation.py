@@ -1,5 +1,10 @@
 """Held-out data for fine-tuning: train.val_fraction or a dataset's own split, validated at an interval and at the end."""
 
+import json
+import logging
+import math
+import re
+
 import pytest
 import torch
 
@@ -17,19 +22,31 @@ CPU = ["trainer=cpu", "precision=fp32", "export_hf=false", "train.max_seq_len=25
 
 
 def test_sft_val_fraction_is_held_out_and_its_loss_logged_at_the_interval_and_the_end(tiny_model_dir, chat_files,
-                                                                                      tmp_path):
+                                                                                      tmp_path, caplog):
     cfg = compose_finetune(CPU + [
         f"model_dir={tiny_model_dir}", "chat_data=messages", f"chat_data.sources.messages.path={chat_files['messages']}",
         f"run_dir={tmp_path / 'sft'}", "train.batch_size=4", "train.micro_batch_size=2", "optim.lr=3e-3",
-        "train.val_fraction=0.2", "train.val_every_n_steps=4",
+        "train.val_fraction=0.2", "train.val_every_n_steps=4", "train.log_every_n_steps=4",
     ])
-    result = run(cfg)
+    with caplog.at_level(logging.INFO, logger="danube.callbacks"):
+        result = run(cfg)
     assert result.data_counts["validation_items"] == 6  # 20% of 30 conversations
-    # 24 training samples, 4 per step: 6 steps; validation after step 4 and after the last
-    # one, logged (as train/loss) at the 0-based index of the step.
-    val = read_scalars(result.run_dir)["val/loss"]
-    assert [step + 1 for step, _ in val] == [4, 6]
-    assert val[-1][1] < val[0][1]  # training on the same topics lowers the held-out loss
+    # 24 training samples, 4 per step (2 micro-batches): 6 steps. TensorBoard's steps are the
+    # console's: train/* at the first step, every 4th and the last; val/* before the first
+    # step (the starting model), after step 4 and after the last.
+    console = [int(m) for m in re.findall(r"sft steps: step (\d+)/6", caplog.text)]
+    scalars = read_scalars(result.run_dir)
+    assert console == [1, 4, 6] and [step for step, _ in scalars["train/loss"]] == console
+    assert [step for step, _ in scalars["train/lr"]] == console
+    val = scalars["val/loss"]
+    assert [step for step, _ in val] == [0, 4, 6]
+    assert val[0][1] == pytest.approx(result.start_metrics["val/loss"], rel=1e-6)
+    assert val[-1][1] < val[1][1] < val[0][1]  # training on the same topics lowers the held-out loss
+    # Every final metric (metrics.json) is in TensorBoard at the last step, with its value.
+    record = json.loads((result.run_dir / "metrics.json").read_text())
+    assert record["start"] == result.start_metrics and set(record["metrics"]) >= {"train/loss", "train/lr", "val/loss"}
+    for key, value in record["metrics"].items():
+        assert scalars[key][-1] == (6, pytest.approx(value, rel=1e-6)), key
     # The last value is the token-mean loss of exactly the held-out conversations under the result.
     tok = Tokenizer(tiny_model_dir)
     samples, _ = tokenize_conversations(tok, read_conversations(chat_files["messages"], "messages"), 256)
@@ -65,12 +82,14 @@ def test_dpo_validates_on_the_datasets_own_test_split(tiny_model_dir, tmp_path):
     scalars = read_scalars(result.run_dir)
     for key in ("val/loss", "val/rewards/chosen", "val/rewards/rejected", "val/rewards/accuracies",
                 "val/rewards/margins", "val/logps/chosen", "val/logps/rejected"):
-        assert [step + 1 for step, _ in scalars[key]] == [2, 3], key
+        assert [step for step, _ in scalars[key]] == [0, 2, 3], key  # 0: the model before training
         assert result.metrics[key] == pytest.approx(scalars[key][-1][1])
     assert result.metrics["val/pairs"] == 3
     margins = dict(scalars["val/rewards/margins"])
     chosen, rejected = dict(scalars["val/rewards/chosen"]), dict(scalars["val/rewards/rejected"])
     assert margins[2] == pytest.approx(chosen[2] - rejected[2], abs=1e-5)
+    # peft starts lora_B at zero: before training the policy is its reference.
+    assert result.start_metrics["val/loss"] == pytest.approx(math.log(2), abs=1e-6) and margins[0] == 0
 
 
 def test_no_held_out_data_by_default(tiny_model_dir, chat_files, tmp_path):

@@ -25,6 +25,17 @@ class ChatSourceConfig:
     format: str = setting("messages", "how a record reads: messages, sharegpt, openorca, ..., ultrafeedback, pairs")
     lang: str | None = setting(None, "Oasst2: keep this language only (en); null: every language")
     val_split: str | None = setting(None, "its own held-out split, validated every train.val_every_n_steps")
+    max_rows: int | None = setting(None, "train on this many of its conversations or pairs, a seeded choice; null: all",
+                                   min=1)
+    fraction: float | None = setting(None, "train on this share of them (rounded half up, at least 1), a seeded "
+                                           "choice; null: all", above=0, max=1)
+    seed: int | None = setting(None, "seeds the choice of max_rows or fraction; null: the run's seed")
+
+    def check(self, key: str) -> None:
+        """Refuse a bad subsample in one line naming ``key`` (``chat_data.sources.NAME``)."""
+        check_ranges(self, key)
+        if self.max_rows is not None and self.fraction is not None:
+            raise ValueError(f"{key}: max_rows={self.max_rows} and fraction={self.fraction} both given; set one")
 
 
 @dataclass
@@ -127,7 +138,7 @@ class FinetuneConfig:
     model_dir: str | None = setting(None, "the model to start from: danube model directory or Hugging Face checkpoint")
     tokenizer: str | None = setting(None, "default: ${model_dir}/tokenizer.model")
     export_hf: bool = setting(True, "also write ${run_dir}/hf (what `danube export-hf` writes)")
-    seed: int = setting(42, "seeds the data order, the held-out split and the adapters")
+    seed: int = setting(42, "seeds the data order, the held-out split, the sources' subsamples and the adapters")
     verbose: bool = setting(False, "the libraries' INFO lines too (Lightning, datasets, peft, ...)")
 
     REQUIRED: ClassVar[dict[str, str]] = {
@@ -147,6 +158,7 @@ class FinetuneConfig:
 
         allowed = sft.FORMATS if self.loss.name == "sft" else preference.FORMATS
         for name, source in self.chat_data.sources.items():
+            source.check(f"chat_data.sources.{name}")
             if source.format not in allowed:
                 raise ValueError(f"chat_data.sources.{name}.format={source.format!r} is not {self.loss.name} data; "
                                  f"allowed with loss={self.loss.name}: {', '.join(allowed)}")

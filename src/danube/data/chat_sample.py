@@ -10,16 +10,20 @@ Files, named as ``conf/chat_data/`` reads them from ``data/chat/`` by default::
     messages.jsonl       SFT conversations (chat_data=messages): four phrasings per topic, every
                          third with a follow-up turn, every fourth with a system prompt
     pairs.jsonl          preference pairs (chat_data=pref_pairs): chosen answers the question,
-                         rejected answers another topic or declines
+                         rejected only restates it or declines
     oasst2_train.jsonl   Oasst2 message rows (chat_data=oasst2; `danube oasst2-pairs` makes the
-                         pairs of chat_data=pref_oasst2): ranked replies, some trees with a
-                         follow-up turn, a few replies deleted or unranked, a few trees in German
+                         pairs of chat_data=pref_oasst2): ranked replies (the answer, a restatement,
+                         a refusal), some trees with a follow-up turn, a few replies deleted or
+                         unranked, a few trees in German
     tasks/chat_sample_mc.yaml, .json
                          a multiple-choice lm-eval task (evaluate.py include_path=DIR/tasks
                          tasks=[chat_sample_mc]) on a phrasing no training record uses
 
 This is a demonstration set (a few hundred records on one subject), not training data for
-a useful chat model.
+a useful chat model. Its rejected replies differ from the chosen ones in a way a tiny model
+learns from a few dozen pairs (they never answer), so each DPO run of the README's chain
+separates held-out pairs; a rejected reply that answered another topic could only be told
+apart by knowing which answer belongs to which question.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ EVAL_QUESTION = "In a sentence or two, what is {t}?"  # no training record is ph
 FOLLOW_UP = "Can you tell me more?"
 SYSTEM = "You are a helpful assistant who knows Python well."
 DECLINE = "I am not sure, sorry."
+VAGUE = "It is about {t}."  # restates the question: a reply that says nothing
+REFUSE = "Sorry, I would rather not explain {t}."
 TASK = "chat_sample_mc"
 FILES = ("messages.jsonl", "pairs.jsonl", "oasst2_train.jsonl", f"tasks/{TASK}.yaml", f"tasks/{TASK}.json")
 
@@ -140,11 +146,11 @@ def sft_conversations(items: list[Topic]) -> list[dict]:
 
 
 def preference_pairs(items: list[Topic]) -> list[dict]:
-    """``pairs`` records: two phrasings per topic; rejected is another topic's answer or a refusal."""
+    """``pairs`` records: two phrasings per topic; rejected restates the question or declines."""
     records = []
     for i, topic in enumerate(items):
         for j, template in enumerate(TRAIN_QUESTIONS[:2]):
-            wrong = items[(i + 7) % len(items)].answer if j == 0 else DECLINE
+            wrong = VAGUE.format(t=topic.title) if j == 0 else DECLINE
             records.append({"prompt": [{"role": "user", "content": template.format(t=topic.title)}],
                             "chosen": topic.answer, "rejected": wrong, "topic": topic.key})
     return records
@@ -157,14 +163,14 @@ def _row(mid: str, parent: str | None, tree: str, role: str, text: str, rank: in
 
 
 def oasst2_rows(items: list[Topic]) -> list[dict]:
-    """Oasst2 message rows: one tree per topic, replies ranked best (0) to worst."""
+    """Oasst2 message rows: one tree per topic, replies ranked best (0) to worst: the answer, a restatement, a refusal."""
     rows = []
     for i, topic in enumerate(items):
         tree, lang = f"tree-{i:03d}", "de" if i % 10 == 9 else "en"
         question = (f"Was ist {topic.title} in Python?" if lang == "de"
                     else TRAIN_QUESTIONS[2].format(t=topic.title))
         rows.append(_row(tree, None, tree, "prompter", question, None, lang))
-        replies = [topic.answer, f"It is about {topic.title}.", items[(i + 11) % len(items)].answer]
+        replies = [topic.answer, VAGUE.format(t=topic.title), REFUSE.format(t=topic.title)]
         for rank, text in enumerate(replies):
             rows.append(_row(f"{tree}.a{rank}", tree, tree, "assistant", text, rank, lang,
                              deleted=(i % 5 == 4 and rank == 1)))

@@ -2,7 +2,8 @@
 
 What SFT and DPO share; the formats themselves are :mod:`danube.data.sft` (conversations)
 and :mod:`danube.data.preference` (pairs). Every source is read and tokenized one record
-at a time (:func:`build_items`), a seeded fraction or a split of its own held out; the
+at a time (:func:`build_items`), optionally cut to a seeded subsample of its records
+(:func:`subsample`), a seeded fraction or a split of its own held out; the
 items are then laid out as optimizer steps -> ranks -> micro-batches (:func:`step_plan`),
 the same on every rank, so that each micro-batch knows the trained-token count of its
 whole step (:class:`StepBatches`). :class:`FinetuneDataModule` serves a rank its share,
@@ -11,13 +12,15 @@ as :class:`danube.data.pretrain.PretrainDataModule` does for pretraining.
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -28,15 +31,36 @@ from danube.data.workers import worker_init
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Subsample:
+    """A source's ``max_rows`` or ``fraction`` (one of them), with the seed of the choice."""
+
+    max_rows: int | None = None
+    fraction: float | None = None
+    seed: int = 0
+
+    def count(self, available: int) -> int:
+        """Records kept of ``available``: ``max_rows`` (all if fewer), or ``fraction`` of them rounded half up, at least 1."""
+        if self.max_rows is not None:
+            return min(self.max_rows, available)
+        return min(available, max(1, math.floor(self.fraction * available + 0.5))) if available else 0
+
+    def describe(self) -> str:
+        what = f"max_rows={self.max_rows}" if self.max_rows is not None else f"fraction={self.fraction}"
+        return f"{what}, seed {self.seed}"
+
+
 @dataclass
 class SourceData:
-    """One ``chat_data`` source, resolved: its rows, its held-out rows (``val_split``), format, language."""
+    """One ``chat_data`` source, resolved: its rows, its held-out rows (``val_split``), format, language, subsample."""
 
     name: str
     format: str
     lang: str | None
     rows: Any  # danube.data.records.Rows
     val_rows: Any = None
+    subsample: Subsample | None = None
 
 
 
@@ -58,8 +82,9 @@ class SourceCounts:
     """What one source gave, for the log's table and ``metrics.json``."""
 
     rows: int = 0
-    kept: int = 0  # conversations (SFT) or pairs (DPO) read
+    kept: int = 0  # conversations (SFT) or pairs (DPO) read: what the source has
     dropped: int = 0  # by the reader (trees, reply groups, identical pairs)
+    used: int = 0  # of those kept, the ones trained on (all but with max_rows or fraction)
     items: int = 0  # tokenized samples or pairs kept
     truncated: int = 0
     tokens: int = 0
@@ -77,25 +102,70 @@ def _item_tokens(item) -> tuple[int, int]:
     return len(item.input_ids), item.loss_tokens
 
 
-def read_source(data: SourceData, rows, tok: TrainingTokenizer, label: str, settings: ItemSettings
-                ) -> tuple[list, Counter, SourceCounts]:
-    """Read and tokenize one split of one source, streaming (only the tokenized items are held)."""
+def subsample_key(seed: int, source: str, index: int) -> int:
+    """The seeded rank of a source's ``index``-th record: a subsample keeps the records with the smallest keys."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{source}:{index}".encode(), digest_size=8).digest(), "big")
+
+
+def subsample(records: Iterable, source: str, sub: Subsample, used: list[int] | None = None) -> Iterator:
+    """The records of ``source`` whose keys (:func:`subsample_key`) are the ``sub.count(n)`` smallest, in read order.
+
+    The choice depends only on the seed, the source's name and the records' positions in
+    it (never on the other sources, their order, the workers or the devices), so a run and
+    its restart train on the same records, and a larger ``max_rows`` keeps the smaller's
+    records and more. ``max_rows`` streams, holding at most that many records; ``fraction``
+    holds the source's records until it knows their count. ``used`` gets the count kept.
+    """
+    if sub.max_rows is not None:
+        heap: list[tuple[int, int, Any]] = []  # (-key, -index, record): the largest key on top
+        for i, record in enumerate(records):
+            entry = (-subsample_key(sub.seed, source, i), -i, record)
+            if len(heap) < sub.max_rows:
+                heapq.heappush(heap, entry)
+            elif entry[:2] > heap[0][:2]:
+                heapq.heapreplace(heap, entry)
+        chosen = sorted((-neg_i, record) for _, neg_i, record in heap)
+    else:
+        held = list(records)
+        k = sub.count(len(held))
+        keep = set(heapq.nsmallest(k, range(len(held)), key=lambda i: (subsample_key(sub.seed, source, i), i)))
+        chosen = [(i, record) for i, record in enumerate(held) if i in keep]
+    if used is not None:
+        used.append(len(chosen))
+    for _, record in chosen:
+        yield record
+
+
+def read_source(data: SourceData, rows, tok: TrainingTokenizer, label: str, settings: ItemSettings,
+                sub: Subsample | None = None) -> tuple[list, Counter, SourceCounts]:
+    """Read and tokenize one split of one source, streaming (only the tokenized items are held).
+
+    With ``sub``, only its subsample of the records read is tokenized.
+    """
     max_len = settings.max_seq_len
     stats = ReadStats()
+    used: list[int] = []
     if settings.loss == "sft":
         from danube.data.sft import iter_conversations, tokenize_conversations
 
         records = iter_conversations(rows, data.format, lang=data.lang, stats=stats)
+        if sub is not None:
+            records = subsample(records, data.name, sub, used)
         items, c = tokenize_conversations(tok, records, max_len, settings.truncation, source=label)
         what = "conversations"
     else:
         from danube.data.preference import iter_pairs, tokenize_pairs
 
-        items, c = tokenize_pairs(tok, iter_pairs(rows, data.format, lang=data.lang, stats=stats), max_len,
-                                  source=label)
+        records = iter_pairs(rows, data.format, lang=data.lang, stats=stats)
+        if sub is not None:
+            records = subsample(records, data.name, sub, used)
+        items, c = tokenize_pairs(tok, records, max_len, source=label)
         what = "pairs"
+    if sub is not None:
+        log.info("%s: %s -> %d of %d %s", label, sub.describe(), used[0], stats.kept, what)
     tokens = [_item_tokens(x) for x in items]
-    n = SourceCounts(rows=stats.rows, kept=stats.kept, dropped=sum(stats.dropped.values()), items=len(items),
+    n = SourceCounts(rows=stats.rows, kept=stats.kept, dropped=sum(stats.dropped.values()),
+                     used=used[0] if used else stats.kept, items=len(items),
                      truncated=sum(v for k, v in c.items() if "truncated" in k),
                      tokens=sum(t for t, _ in tokens), trained_tokens=sum(t for _, t in tokens))
     log.info("%s: %s; %d %s tokenized -> %d (%s); %s tokens, %s trained", label, stats.summary(what), stats.kept,
@@ -117,19 +187,22 @@ def log_table(loss: str, lines: list[tuple[str, str | None, SourceCounts, int]],
     """Log what was read, per source and in all; returns the training total.
 
     ``lines``: (source, split, counts, items held out); a source's ``val_split`` has a
-    line of its own, named ``NAME (val)``, whose items are all held out. The report's SFT
-    mix totals 157k samples: this is the table to compare with it.
+    line of its own, named ``NAME (val)``, whose items are all held out. ``used`` is what
+    a source's ``max_rows`` or ``fraction`` kept of its conversations or pairs (all of
+    them without). The report's SFT mix totals 157k samples: this is the table to compare
+    with it.
     """
     item = "conversations" if loss == "sft" else "pairs"
     total = SourceCounts()
     for name, _, n, _ in lines:
         if not name.endswith("(val)"):
             total.add(n)
-    head = ("source", "split", "rows", item, "dropped", "items", "truncated", "tokens", "trained", "held out")
+    head = ("source", "split", "rows", item, "dropped", "used", "items", "truncated", "tokens", "trained", "held out")
     cells = [head]
     for name, split, n, held in [*lines, ("total", "", total, val_items)]:
-        cells.append((name, "-" if split is None else split, *(f"{v:,}" for v in (n.rows, n.kept, n.dropped, n.items, n.truncated,
-                                                               n.tokens, n.trained_tokens, held))))
+        cells.append((name, "-" if split is None else split,
+                      *(f"{v:,}" for v in (n.rows, n.kept, n.dropped, n.used, n.items, n.truncated, n.tokens,
+                                           n.trained_tokens, held))))
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
     text = "\n".join("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in cells)
@@ -139,11 +212,14 @@ def log_table(loss: str, lines: list[tuple[str, str | None, SourceCounts, int]],
 
 
 def build_items(sources: dict[str, SourceData], tok: TrainingTokenizer, settings: ItemSettings
-                ) -> tuple[list, list, Callable[[list], dict[str, torch.Tensor]], dict[str, int]]:
+                ) -> tuple[list, list, Callable[[list], dict[str, torch.Tensor]], dict[str, Any]]:
     """Tokenized training and validation items (SFT: rows, packed or not; DPO: pairs), the collate function, counts.
 
-    Validation items come from a source's ``val_split`` when it has one, else from a seeded
-    ``val_fraction`` of its items (none by default: the report holds nothing out).
+    A source's subsample (``max_rows`` or ``fraction``) is taken from its training split
+    before tokenization. Validation items come from a source's ``val_split`` when it has
+    one (whole), else from a seeded ``val_fraction`` of its (subsampled) items (none by
+    default: the report holds nothing out). ``counts["sources"]`` holds each source's line
+    of the table.
     """
     max_len, fraction = settings.max_seq_len, settings.val_fraction
     counts: Counter = Counter()
@@ -151,7 +227,7 @@ def build_items(sources: dict[str, SourceData], tok: TrainingTokenizer, settings
     val_items: list = []
     lines: list[tuple[str, str | None, SourceCounts, int]] = []
     for name, data in sources.items():
-        got, c, n = read_source(data, data.rows, tok, name, settings)
+        got, c, n = read_source(data, data.rows, tok, name, settings, data.subsample)
         counts.update(c)
         if data.val_rows is not None:
             held, _, n_val = read_source(data, data.val_rows, tok, f"{name} (validation)", settings)
@@ -162,8 +238,9 @@ def build_items(sources: dict[str, SourceData], tok: TrainingTokenizer, settings
         items += got
         val_items += held
     total = log_table(settings.loss, lines, len(val_items))
-    counts.update({"rows": total.rows, "tokens": total.tokens, "trained_tokens": total.trained_tokens,
-                   "validation_items": len(val_items)})
+    counts.update({"rows": total.rows, "used": total.used, "tokens": total.tokens,
+                   "trained_tokens": total.trained_tokens, "validation_items": len(val_items)})
+    by_source = {name: {**vars(n), "held_out": held} for name, _, n, held in lines}
     if fraction > 0 and not val_items:
         log.warning("train.val_fraction=%s held nothing out (too few items)", fraction)
     if settings.loss == "sft":
@@ -173,11 +250,11 @@ def build_items(sources: dict[str, SourceData], tok: TrainingTokenizer, settings
             n = len(items)
             items, val_items = pack_samples(items, max_len), pack_samples(val_items, max_len)
             log.info("packing: %d samples -> %d rows of at most %d tokens", n, len(items), max_len)
-        return items, val_items, partial(collate, pad_id=tok.pad_id), dict(counts)
+        return items, val_items, partial(collate, pad_id=tok.pad_id), {**counts, "sources": by_source}
     from danube.data.preference import collate_pairs
 
     counts["pairs"] = total.items
-    return items, val_items, partial(collate_pairs, pad_id=tok.pad_id), dict(counts)
+    return items, val_items, partial(collate_pairs, pad_id=tok.pad_id), {**counts, "sources": by_source}
 
 
 class MicroBatches(torch.utils.data.Dataset):

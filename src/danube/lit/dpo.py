@@ -54,10 +54,10 @@ class DPOModule(FinetuneModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.pair_losses(batch)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        self.log_dict(metrics, on_step=True, on_epoch=False)
-        # Every micro-batch holds the same number of pairs: Lightning's mean over the
-        # accumulated micro-batches is the mean over the step's pairs.
+        # Every micro-batch holds the same number of pairs: the mean over the step's
+        # micro-batches is the mean over its pairs (as is Lightning's accumulated gradient).
+        for key, value in {"train/loss": loss.detach(), **metrics}.items():
+            self.add_to_step(key, value, 1)
         return loss
 
     VAL_TERMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

@@ -31,8 +31,8 @@ class SFTModule(FinetuneModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         share, loss_sum, count = self.micro_batch_loss(batch)
-        self.log("train/loss", loss_sum / count.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/answer_tokens", count.float(), on_step=True, on_epoch=False, reduce_fx="sum")
+        self.add_to_step("train/loss", loss_sum, count)  # the step's token mean (this rank's)
+        self.add_to_step("train/answer_tokens", count)
         return share * self.loss_scale()
 
     VAL_SUMS = 2  # summed token loss, answer tokens

@@ -4,11 +4,13 @@ Run directory layout::
 
     run_dir/
       config.yaml          # the resolved config
-      tensorboard/<loss>/  # train/loss, train/lr; DPO: rewards/*, logps/*; val/* with held-out data
+      tensorboard/<loss>/  # train/loss, train/lr; DPO: rewards/*, logps/*; val/* with held-out data,
+                           # at the console's step numbers (step 0: the starting model's val/*)
       adapter/             # DPO only: the LoRA adapter (peft format)
       model/               # the result as a plain danube model directory (DPO: adapter merged)
       hf/                  # with export_hf=true: the same model as a Hugging Face directory
-      metrics.json         # the last logged value of every metric
+      metrics.json         # the last value of every metric (also in TensorBoard at the last step),
+                           # the starting model's held-out metrics, the per-source data table
 
 Fine-tuning writes model directories, not Lightning checkpoints: a run is one epoch
 over a fixed data set, and a failed run is started again.
@@ -16,7 +18,8 @@ over a fixed data set, and a failed run is started again.
 Data: every ``chat_data.sources`` entry is resolved first (a file, a local copy of a Hub
 dataset or a Hub id; its split and columns: :mod:`danube.data.records`), then read and
 tokenized one source at a time. Held-out items (``train.val_fraction``, or a source's
-``val_split``) are validated every ``train.val_every_n_steps`` and after the last step.
+``val_split``) are validated before the first step, every ``train.val_every_n_steps`` and
+after the last step.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
@@ -35,7 +39,8 @@ from danube import logs, rundir
 from danube.callbacks import SignalStop
 from danube.config import ChatSourceConfig, FinetuneConfig, typed
 from danube.config import hydra_runtime
-from danube.data.finetune import ItemSettings, SourceData, build_items, finetune_datamodule, micro_batches_per_step, step_plan
+from danube.data.finetune import (ItemSettings, SourceData, Subsample, build_items, finetune_datamodule,
+                                  micro_batches_per_step, step_plan)
 from danube.data.tokenizer import Tokenizer
 from danube.files import atomic_dir, atomic_write_text
 from danube.model.io import check_model_dir, save_model_dir, tokenizer_path
@@ -54,13 +59,17 @@ class FinetuneResult:
     adapter_dir: Path | None
     hf_dir: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
-    data_counts: dict[str, int] = field(default_factory=dict)
+    start_metrics: dict[str, float] = field(default_factory=dict)  # held-out metrics of the starting model
+    data_counts: dict[str, Any] = field(default_factory=dict)  # totals; "sources": each source's line of the table
     steps: int = 0  # optimizer steps taken
     items: int = 0  # training items (samples, packed rows or pairs)
 
 
-def open_sources(sources: dict[str, ChatSourceConfig], loss: str) -> dict[str, SourceData]:
-    """Resolve every source (file, dataset directory, Hub id; split; columns) before anything is read."""
+def open_sources(sources: dict[str, ChatSourceConfig], loss: str, seed: int = 0) -> dict[str, SourceData]:
+    """Resolve every source (file, dataset directory, Hub id; split; columns) before anything is read.
+
+    ``seed`` seeds the subsample of a source with ``max_rows`` or ``fraction`` and no ``seed`` of its own.
+    """
     from danube.data import preference, sft
     from danube.data.records import Source
 
@@ -78,7 +87,10 @@ def open_sources(sources: dict[str, ChatSourceConfig], loss: str) -> dict[str, S
             if src.val_split == rows.split:
                 raise ValueError(f"{key}.val_split={src.val_split} is the split trained on")
             val_rows = opener(source.with_split(src.val_split), src.format)
-        out[name] = SourceData(name, src.format, src.lang, rows, val_rows)
+        sub = None
+        if src.max_rows is not None or src.fraction is not None:
+            sub = Subsample(src.max_rows, src.fraction, seed if src.seed is None else src.seed)
+        out[name] = SourceData(name, src.format, src.lang, rows, val_rows, sub)
     return out
 
 
@@ -93,7 +105,7 @@ def validate(cfg: DictConfig) -> tuple[FinetuneConfig, dict[str, SourceData]]:
     """Every check that can fail, before data is read or weights are loaded: the config, the model, the sources."""
     job = load(cfg)
     check_model_dir(job.model_dir, "model_dir")
-    return job, open_sources(job.chat_data.sources, job.loss.name)
+    return job, open_sources(job.chat_data.sources, job.loss.name, job.seed)
 
 
 def load_tokenizer(job: FinetuneConfig) -> Tokenizer:
@@ -145,9 +157,9 @@ def run(cfg: DictConfig) -> FinetuneResult:
 
 def summarize(job: FinetuneConfig, result: FinetuneResult, seconds: float, log_path: Path | None) -> None:
     """What the run did, its final metrics and where each output is."""
-    m = result.metrics
-    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("train/loss", "val/loss", "val/rewards/accuracies",
-                                                   "val/rewards/margins") if k in m)
+    m, start = result.metrics, result.start_metrics
+    shown = ", ".join(f"{k} {m[k]:.4f}" + (f" (from {start[k]:.4f})" if k in start else "")
+                      for k in ("train/loss", "val/loss", "val/rewards/accuracies", "val/rewards/margins") if k in m)
     lines = [f"finetune.py done in {logs.duration(seconds)}: {job.loss.name} of {job.model_dir}, "
              f"{result.steps} optimizer steps over {result.items:,} items" + (f"; {shown}" if shown else ""),
              f"  model:       {result.model_dir}"]
@@ -202,7 +214,8 @@ def _run_locked(job: FinetuneConfig, sources, tok: Tokenizer, ws: int, accumulat
              loss, len(items), len(plan), t.batch_size, t.micro_batch_size, accumulate, ws,
              f"; {len(val_items)} held out for validation" if val_items else "")
     # Lightning counts the validation interval in micro-batches; with no interval, validation
-    # runs once, after the last step (below). A run started again hides what a killed one logged.
+    # runs once, after the last step (below), and, with held-out items, once before the first
+    # (the starting model's, at step 0). A run started again hides what a killed one logged.
     restarted = any((run_dir / "tensorboard" / loss).glob("events.out.tfevents.*"))
     trainer = build_trainer(job.trainer, job.precision, grad_clip=job.optim.grad_clip,
                             log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic_on(job.trainer),
@@ -210,7 +223,7 @@ def _run_locked(job: FinetuneConfig, sources, tok: Tokenizer, ws: int, accumulat
                             max_steps=len(plan), accumulate=accumulate,
                             val_check_interval=(t.val_every_n_steps or len(plan)) * accumulate,
                             progress=f"{loss} steps", purge_step=0 if restarted else None,
-                            callbacks=[SignalStop()])
+                            callbacks=[SignalStop()], validate_first=bool(val_items))
     data = finetune_datamodule(items, plan, collate_fn, val_items=val_items, micro_batch_size=t.micro_batch_size,
                                num_workers=t.num_workers)
     with warnings.catch_warnings():
@@ -221,16 +234,24 @@ def _run_locked(job: FinetuneConfig, sources, tok: Tokenizer, ws: int, accumulat
     if val_items and module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=data, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    start = module.start_metrics or {}
     if val_items:
         log.info("validation after step %d: %s", trainer.global_step,
-                 ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/")))
-    result = finish(job, trainer, module.model, run_dir, tok, metrics, counts)
+                 ", ".join(f"{k} {v:.4f}" + (f" (step 0: {start[k]:.4f})" if k in start else "")
+                           for k, v in sorted(metrics.items()) if k.startswith("val/")))
+    result = finish(job, trainer, module.model, run_dir, tok, metrics, counts, start)
     result.steps, result.items = trainer.global_step, len(items)
     return result
 
 
-def finish(job: FinetuneConfig, trainer, model, run_dir: Path, tok: Tokenizer, metrics, counts) -> FinetuneResult:
-    """Write the adapter (DPO), the plain model directory and optionally the Hugging Face export."""
+def finish(job: FinetuneConfig, trainer, model, run_dir: Path, tok: Tokenizer, metrics, counts,
+           start_metrics: dict[str, float] | None = None) -> FinetuneResult:
+    """Write the adapter (DPO), the plain model directory and optionally the Hugging Face export.
+
+    ``metrics.json``: ``metrics`` (the last value of every metric: the last step's, the last
+    validation's), ``start`` (the held-out metrics of the starting model, with held-out
+    data) and ``data`` (the table of what was read).
+    """
     adapter_dir = hf_dir = None
     model_dir = run_dir / "model"
     if trainer.is_global_zero:
@@ -247,5 +268,7 @@ def finish(job: FinetuneConfig, trainer, model, run_dir: Path, tok: Tokenizer, m
 
             hf_dir = to_hf(model, run_dir / "hf", tokenizer=tok.model_file)
         # Written last: a run directory with metrics.json holds a finished fine-tuning run.
-        atomic_write_text(run_dir / FINISHED_FILE, json.dumps({"metrics": metrics, "data": counts}, indent=2))
-    return FinetuneResult(run_dir, model_dir, adapter_dir, hf_dir, metrics, counts)
+        record = {"metrics": metrics, **({"start": start_metrics} if start_metrics else {}), "data": counts}
+        atomic_write_text(run_dir / FINISHED_FILE, json.dumps(record, indent=2))
+    return FinetuneResult(run_dir, model_dir, adapter_dir, hf_dir, metrics=metrics, start_metrics=start_metrics or {},
+                          data_counts=counts)

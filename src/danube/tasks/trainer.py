@@ -121,6 +121,7 @@ def build_trainer(
     limit_val_batches: int | float | None = None,
     purge_step: int | None = None,
     progress: str | None = None,
+    validate_first: bool = False,
 ) -> L.Trainer:
     """The Trainer of one stage (pretraining) or one fine-tuning run.
 
@@ -128,7 +129,8 @@ def build_trainer(
     boundaries (:class:`danube.callbacks.StepBoundary`), fine-tuning writes model
     directories. ``purge_step`` hides TensorBoard events at and after that step from an
     earlier, killed attempt (a resumed run logs those steps again). ``progress`` names the
-    progress display: a bar on a terminal, log lines otherwise.
+    progress display: a bar on a terminal, log lines otherwise. ``validate_first``: a whole
+    validation pass before the first step (Lightning's sanity check over every batch).
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -152,7 +154,7 @@ def build_trainer(
         val_check_interval=val_check_interval,
         check_val_every_n_epoch=None,
         limit_val_batches=limit_val_batches,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=-1 if validate_first else 0,
         logger=TensorBoardLogger(save_dir=str(logger_dir), name="", version=logger_version, default_hp_metric=False,
                                  purge_step=purge_step),
         callbacks=callbacks,
