@@ -86,13 +86,18 @@ class Schedule:
         shape = "cosine" if self.kind == "cosine" else self.shape
         return self.min_lr + (self.lr - self.min_lr) * decay_factor(fraction, shape)
 
-    def describe(self, unit: str = "tokens") -> str:
-        """``warm-up 81,920 tokens to 0.003, constant to 1,146,880, then sqrt decay over 163,840 tokens to 0.0003``."""
-        warm = f"warm-up {self.warmup:,.0f} {unit} to {self.lr:g}"
+    def describe(self, unit: str = "tokens", start: float = 0) -> str:
+        """``warm-up 81,920 tokens to 0.003, constant to 1,048,576, then sqrt decay over 262,144 tokens to 0.0003``.
+
+        ``start``: where the described run begins (a cooldown: its checkpoint's tokens); what
+        comes before it is left out.
+        """
         if self.kind == "cosine":
-            return f"{warm}, cosine to {self.min_lr:g} at {self.total:,.0f}"
-        return (f"{warm}, constant to {self.decay_start:,.0f}, then {self.shape} decay over {self.decay:,.0f} {unit} "
-                f"to {self.min_lr:g}")
+            return f"warm-up {self.warmup:,.0f} {unit} to {self.lr:g}, cosine to {self.min_lr:g} at {self.total:,.0f}"
+        decay = f"{self.shape} decay over {self.decay:,.0f} {unit} to {self.min_lr:g}"
+        if self.decay_start <= start:
+            return f"{self.shape} decay from {self.lr:g} over {self.decay:,.0f} {unit} to {self.min_lr:g}"
+        return f"warm-up {self.warmup:,.0f} {unit} to {self.lr:g}, constant to {self.decay_start:,.0f}, then {decay}"
 
 
 def lr_at(progress: float, *, lr: float, min_lr: float, warmup: float, total: float) -> float:
@@ -239,13 +244,14 @@ def format_plan(
             f"{lr_of(p.end_tokens)} | {hours:,.1f} |" + (f" {format_mixture(p.weights)} |" if mixtures else "")
         )
     decay = ""
-    if schedule.kind == "wsd":
+    if schedule.kind == "wsd" and schedule.decay_start > plans[0].start_tokens:
         where = next(p for p in plans if schedule.decay_start < p.end_tokens or p is plans[-1])
         step = math.ceil((schedule.decay_start - where.start_tokens) / global_batch_tokens)
         decay = f" (the decay starts in stage {where.name}, after its step {step:,})"
     foot = (
-        f"\n{total:,} tokens in {sum(p.steps for p in plans):,} steps of {global_batch_tokens:,} tokens on "
-        f"{world_size} device(s); {schedule.describe()}{decay}; "
+        f"\n{total - plans[0].start_tokens:,} tokens in {sum(p.steps for p in plans):,} steps of "
+        f"{global_batch_tokens:,} tokens on {world_size} device(s); "
+        f"{schedule.describe(start=plans[0].start_tokens)}{decay}; "
         f"{hours_total:,.1f} h ({hours_total / 24:,.1f} days) at {tokens_per_sec:,.0f} tokens/s."
     )
     return "\n".join([head, *rows]) + foot
