@@ -111,11 +111,11 @@ class OptimConfig:
 
     def schedule_over(self, total_tokens: int) -> Schedule:
         """The LR schedule of a run of ``total_tokens`` (all stages); one line naming the keys when it cannot fit."""
-        if self.warmup_tokens > total_tokens:
-            raise ValueError(f"optim.warmup_tokens={self.warmup_tokens:,} is longer than the run's {total_tokens:,} "
-                             "tokens (all stages)")
-        if self.schedule == "cosine":
+        if self.schedule == "cosine":  # a warm-up longer than a (smoke) run just never reaches the peak
             return Schedule(lr=self.lr, min_lr=self.min_lr, warmup=self.warmup_tokens, total=total_tokens)
+        if self.warmup_tokens >= total_tokens:
+            raise ValueError(f"optim.warmup_tokens={self.warmup_tokens:,} leaves none of the run's {total_tokens:,} "
+                             "tokens (all stages) for optim.schedule=wsd's constant part and decay")
         room = total_tokens - self.warmup_tokens
         if self.decay_tokens is not None:
             decay = self.decay_tokens
