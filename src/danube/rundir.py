@@ -109,7 +109,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+def matches(key: str, patterns: tuple[str, ...]) -> bool:
+    """A dotted config key is one of ``patterns`` or lies under one (``optim.lr`` under ``optim``)."""
     return any(key == p or key.startswith(p + ".") for p in patterns)
 
 
@@ -145,7 +146,7 @@ def diff(old: Mapping, new: Mapping, ignore: tuple[str, ...]) -> list[tuple[str,
     missing = object()
     out = []
     for key in sorted(set(a) | set(b)):
-        if _matches(key, ignore):
+        if matches(key, ignore):
             continue
         va, vb = a.get(key, missing), b.get(key, missing)
         if va is missing or vb is missing or not same_value(va, vb):
@@ -181,7 +182,7 @@ def check_changes(
     if recorded is None:
         return []
     changes = diff(recorded, new, ignore)
-    fixed = [c for c in changes if _matches(c[0], identity)]
+    fixed = [c for c in changes if matches(c[0], identity)]
     if fixed:
         raise ConfigChanged(
             f"{run_dir} holds a run made with other values of {_describe(fixed)}: continuing it would mix two runs. "
@@ -189,7 +190,7 @@ def check_changes(
             f"its config is {run_dir / CONFIG_FILE}"
         )
     if finished:
-        effective = [c for c in changes if not _matches(c[0], cosmetic)]
+        effective = [c for c in changes if not matches(c[0], cosmetic)]
         if effective:
             raise ConfigChanged(
                 f"{run_dir} holds a finished run made with {_describe(effective)} (recorded -> asked): nothing would "

@@ -114,7 +114,7 @@ def check_parent(parent: Path, recorded: dict | None, config: dict, checkpoint: 
     if recorded is None:
         return
     changes = [c for c in rundir.diff(recorded, config, ignore=("data.tokenizer_sha256",))
-               if any(c[0] == k or c[0].startswith(k + ".") for k in PARENT_KEYS)]
+               if rundir.matches(c[0], PARENT_KEYS)]
     if changes:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:6])
         raise rundir.ConfigChanged(
